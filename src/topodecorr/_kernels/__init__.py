@@ -1,0 +1,123 @@
+"""Kernel registry for minimum spanning tree edges.
+
+Kernels supply only the non-differentiable part of persistence: the indices
+of the MST edges. The deaths (and their gradient) come from one shared
+gather in :mod:`topodecorr.persistence`, so every kernel has the same gradient.
+
+Each kernel takes a dense (n, n) tensor and a flag ``abs_corr``. With
+``abs_corr=False`` the tensor holds weights to minimise; with ``abs_corr=True``
+it holds correlations and the weight is ``1 - |C|`` (computed implicitly
+where the kernel can). It returns a LongTensor (n - 1, 2) on the input's device.
+
+``backend="auto"`` chooses ``"boruvka"`` for tensors on an accelerator (the
+matrix never leaves the device), and on the CPU ``"numba"`` when numba is
+installed, else ``"numpy"`` (much slower; a warning says so once).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+__all__ = ["KERNELS", "Kernel", "available_backends", "resolve_backend", "mst_edges"]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    devices: tuple[str, ...]  # device types it accepts; "*" = any
+    description: str
+    is_available: Callable[[], bool]
+    run: Callable[[torch.Tensor, bool], torch.Tensor]
+
+
+def _numba_available() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
+def _host_array(M: torch.Tensor) -> np.ndarray:
+    M = M.detach()
+    if M.dtype not in (torch.float32, torch.float64):
+        M = M.float()
+    return M.contiguous().numpy()
+
+
+def _run_numba(M: torch.Tensor, abs_corr: bool) -> torch.Tensor:
+    from . import numba_prim
+
+    a = _host_array(M)
+    e = numba_prim.prim_abs_max(a) if abs_corr else numba_prim.prim_min(a)
+    return torch.from_numpy(e)
+
+
+def _run_numpy(M: torch.Tensor, abs_corr: bool) -> torch.Tensor:
+    from .reference import prim_edges_numpy
+
+    a = _host_array(M)
+    if abs_corr:
+        a = 1.0 - np.abs(a)
+    return torch.from_numpy(prim_edges_numpy(a))
+
+
+def _run_boruvka(M: torch.Tensor, abs_corr: bool) -> torch.Tensor:
+    from .boruvka import boruvka_edges
+
+    W = M.detach()
+    if abs_corr:
+        W = 1.0 - W.abs()
+    return boruvka_edges(W)
+
+
+KERNELS: dict[str, Kernel] = {
+    "numba": Kernel("numba", ("cpu",), "compiled dense Prim's, O(n^2)", _numba_available, _run_numba),
+    "numpy": Kernel("numpy", ("cpu",), "NumPy Prim's (reference and fallback)", lambda: True, _run_numpy),
+    "boruvka": Kernel("boruvka", ("*",), "vectorised torch Boruvka, device-resident", lambda: True, _run_boruvka),
+}
+
+_warned_fallback = False
+
+
+def available_backends() -> list[str]:
+    """Names of the kernels usable in this environment."""
+    return [k.name for k in KERNELS.values() if k.is_available()]
+
+
+def resolve_backend(backend: str, device: torch.device) -> Kernel:
+    """Pick the kernel for ``device``; ``"auto"`` follows the module docstring."""
+    global _warned_fallback
+    if backend == "auto":
+        if device.type != "cpu":
+            return KERNELS["boruvka"]
+        if _numba_available():
+            return KERNELS["numba"]
+        if not _warned_fallback:
+            warnings.warn(
+                "numba is not installed: topodecorr falls back to a much slower NumPy Prim's kernel; "
+                "install it with `pip install topodecorr[fast]`",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _warned_fallback = True
+        return KERNELS["numpy"]
+    if backend not in KERNELS:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(KERNELS)}")
+    k = KERNELS[backend]
+    if not k.is_available():
+        raise RuntimeError(f"backend {backend!r} is not available here (is its package installed?)")
+    if "*" not in k.devices and device.type not in k.devices:
+        raise ValueError(
+            f"backend {backend!r} runs on {k.devices} but the matrix is on {device.type}; "
+            "move the matrix or use backend='auto'"
+        )
+    return k
+
+
+def mst_edges(M: torch.Tensor, abs_corr: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Indices of a minimum spanning tree's edges, LongTensor (n - 1, 2) on ``M.device``."""
+    kernel = resolve_backend(backend, M.device)
+    return kernel.run(M, abs_corr).to(M.device)

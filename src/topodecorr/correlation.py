@@ -1,0 +1,194 @@
+"""Pearson correlation between neurons and the dissimilarities built on it.
+
+A neuron is one column of an activation matrix ``acts`` of shape ``(B, n)``
+(B samples, n neurons). With ``z_k = (x_k - mean(x_k)) / ||x_k - mean(x_k)||``
+the correlation matrix is the single product ``C = Z^T Z`` of shape ``(n, n)``.
+
+Ballester, Casacuberta, Escalera, "Decorrelating neurons using persistence",
+PMLR 228 (2024), use the dissimilarity ``d = 1 - |corr|``.
+
+Conventions
+-----------
+* Statistics are computed in float32 even under :func:`torch.autocast`
+  (float64 inputs stay float64, which is what ``gradcheck`` needs).
+* A neuron that is constant over the batch (a dead ReLU) has no defined
+  correlation. It is given correlation 0 with every other neuron and 1 with
+  itself; its activations receive no gradient from the correlation (there is
+  none to give), and nothing becomes NaN or inf.
+* Values that float rounding pushes just outside ``[-1, 1]`` are clipped in
+  value only: the gradient passes straight through, so a near-duplicate pair
+  of neurons never has its gradient silently zeroed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["normalize_activations", "correlation", "dissimilarity", "DISSIMILARITIES"]
+
+#: Names accepted by :func:`dissimilarity`.
+DISSIMILARITIES = ("abs", "sqrt")
+
+# A neuron counts as constant when its centred norm is below this many
+# machine epsilons times its largest absolute activation (times sqrt(B)):
+# below that level the "variation" is float rounding of the mean, not signal.
+_CONSTANT_RTOL_ULPS = 8.0
+
+# Gradient floor for sqrt(1 - c^2): the derivative -c / sqrt(1 - c^2) is
+# evaluated with sqrt(1 - c^2) >= _SQRT_GRAD_FLOOR, so it is at most 1e3.
+_SQRT_GRAD_FLOOR = 1e-3
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_acts(acts: torch.Tensor, name: str = "acts") -> None:
+    if not isinstance(acts, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (batch, neurons), got {type(acts).__name__}")
+    if acts.dim() != 2:
+        raise ValueError(
+            f"{name} must have shape (batch, neurons), got shape {tuple(acts.shape)}; "
+            "flatten each sample first, e.g. acts.flatten(1)"
+        )
+    if acts.shape[0] < 2:
+        raise ValueError(
+            f"{name} has batch size {acts.shape[0]}: a correlation needs at least 2 samples per neuron"
+        )
+    if not acts.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {acts.dtype}")
+
+
+def normalize_activations(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre and normalise every neuron (column) to unit Euclidean norm.
+
+    Parameters
+    ----------
+    acts : Tensor, shape (B, n)
+        Activations, one column per neuron. Any floating dtype; computed in
+        float32 (float64 stays float64), autocast disabled.
+
+    Returns
+    -------
+    z : Tensor, shape (B, n)
+        Normalised activations; the column of a constant neuron is all zeros.
+    dead : Tensor of bool, shape (n,)
+        True for neurons that are constant over the batch.
+
+    Examples
+    --------
+    >>> import torch
+    >>> z, dead = normalize_activations(torch.tensor([[1.0, 5.0], [3.0, 5.0]]))
+    >>> z
+    tensor([[-0.7071,  0.0000],
+            [ 0.7071,  0.0000]])
+    >>> dead
+    tensor([False,  True])
+    """
+    _check_acts(acts)
+    dtype = _stat_dtype(acts)
+    with torch.autocast(device_type=acts.device.type, enabled=False):
+        x = acts.to(dtype)
+        if not torch.isfinite(x).all():
+            raise ValueError(
+                "activations contain NaN or inf; the network diverged or its inputs are not finite "
+                "(check the learning rate and the data) before computing correlations"
+            )
+        xc = x - x.mean(dim=0, keepdim=True)
+        norm = torch.linalg.vector_norm(xc, dim=0)
+        scale = x.detach().abs().amax(dim=0)
+        tol = _CONSTANT_RTOL_ULPS * torch.finfo(dtype).eps * (x.shape[0] ** 0.5) * scale
+        dead = (norm.detach() <= tol) | (scale == 0)
+        safe = torch.where(dead, torch.ones_like(norm), norm)
+        z = torch.where(dead.unsqueeze(0), torch.zeros_like(xc), xc / safe)
+    return z, dead
+
+
+def _clip_unit_straight_through(c: torch.Tensor) -> torch.Tensor:
+    """Clip values to [-1, 1] without touching the gradient."""
+    return c + (c.detach().clamp(-1.0, 1.0) - c.detach())
+
+
+def correlation(acts: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation matrix of the neurons (columns) of ``acts``.
+
+    One matrix product on centred, normalised activations, in float32 even
+    under autocast. Constant neurons get correlation 0 with the others.
+
+    Parameters
+    ----------
+    acts : Tensor, shape (B, n)
+
+    Returns
+    -------
+    Tensor, shape (n, n)
+        Symmetric, unit diagonal, entries in [-1, 1].
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.tensor([[0.0, 1.0, 3.0], [1.0, 0.0, 3.0], [2.0, -1.0, 3.0]])
+    >>> correlation(x).round(decimals=4)
+    tensor([[ 1., -1.,  0.],
+            [-1.,  1.,  0.],
+            [ 0.,  0.,  1.]])
+    """
+    z, _ = normalize_activations(acts)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        c = z.T @ z
+        c = _clip_unit_straight_through(c)
+        n = c.shape[0]
+        eye = torch.eye(n, dtype=torch.bool, device=c.device)
+        c = torch.where(eye, torch.ones_like(c), c)
+    return c
+
+
+class _SqrtOneMinusSquare(torch.autograd.Function):
+    """sqrt(1 - c^2) with the derivative's denominator floored (finite at |c| = 1)."""
+
+    @staticmethod
+    def forward(ctx, c):  # noqa: D102
+        s = (1.0 - c * c).clamp_min(0.0)
+        ctx.save_for_backward(c, s)
+        return s.sqrt()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        c, s = ctx.saved_tensors
+        denom = s.sqrt().clamp_min(_SQRT_GRAD_FLOOR)
+        return grad * (-c / denom)
+
+
+def dissimilarity(corr: torch.Tensor, kind: str = "abs") -> torch.Tensor:
+    """Turn correlations into dissimilarities between neurons.
+
+    Parameters
+    ----------
+    corr : Tensor, any shape
+        Correlations in [-1, 1] (a matrix or a vector of selected pairs).
+    kind : {"abs", "sqrt"}
+        ``"abs"``: ``1 - |corr|`` (the paper's). ``"sqrt"``: ``sqrt(1 - corr^2)``,
+        whose gradient is kept finite at ``corr = +-1`` (the denominator of
+        ``-corr / sqrt(1 - corr^2)`` is floored at 1e-3). Both are strictly
+        increasing functions of ``1 - |corr|`` and so select the same minimum
+        spanning tree; they differ in the scale of the deaths.
+
+    Returns
+    -------
+    Tensor, same shape, values in [0, 1].
+
+    Examples
+    --------
+    >>> import torch
+    >>> dissimilarity(torch.tensor([1.0, -0.5, 0.0]))
+    tensor([0.0000, 0.5000, 1.0000])
+    >>> dissimilarity(torch.tensor([0.6, -0.8]), kind="sqrt")
+    tensor([0.8000, 0.6000])
+    """
+    if kind == "abs":
+        d = 1.0 - corr.abs()
+        # rounding can give |corr| slightly above 1: clip the value, keep the gradient
+        return d + (d.detach().clamp_min(0.0) - d.detach())
+    if kind == "sqrt":
+        return _SqrtOneMinusSquare.apply(corr)
+    raise ValueError(f"unknown dissimilarity kind {kind!r}; choose one of {DISSIMILARITIES}")

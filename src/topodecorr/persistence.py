@@ -1,0 +1,223 @@
+"""Zero-dimensional persistence of a dissimilarity matrix, exactly and differentiably.
+
+For the Vietoris-Rips filtration of the complete graph on n points with edge
+weights ``D``, every point is born at 0 and the n - 1 finite death times are
+the edge weights of a minimum spanning tree (MST) (Kruskal: each edge that
+merges two components kills one). The multiset of deaths is unique even when
+the tree is not. Each death comes with its edge, the persistence pair.
+
+Differentiation: away from ties the tree is locally constant, so
+``death_k = D[i_k, j_k]`` and its gradient lands on that entry only.
+Convention: a death is read as ``(D[i, j] + D[j, i]) / 2``, so for a
+symmetric ``D`` its value is ``D[i, j]`` and its gradient is split equally
+between the two symmetric entries (the derivative of the deaths of the
+symmetric part of ``D``). Kernels only pick the edges; this module does the
+gather, so every kernel has the same gradient.
+
+Reference: Ballester, Casacuberta, Escalera, "Decorrelating neurons using
+persistence", PMLR 228 (2024).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._kernels import mst_edges
+from .correlation import _clip_unit_straight_through, dissimilarity, normalize_activations
+
+__all__ = ["Deaths", "mst_deaths", "correlation_deaths", "check_dissimilarity"]
+
+
+class Deaths(NamedTuple):
+    """Finite deaths of a zero-dimensional persistence diagram and their edges.
+
+    Attributes
+    ----------
+    deaths : Tensor, shape (n - 1,)
+        Sorted ascending; differentiable.
+    edges : LongTensor, shape (n - 1, 2)
+        ``edges[k] = (i, j)`` with ``i < j``: the MST edge whose weight is ``deaths[k]``.
+    """
+
+    deaths: torch.Tensor
+    edges: torch.Tensor
+
+
+def _tolerance(D: torch.Tensor, scale: float) -> float:
+    return 64.0 * torch.finfo(D.dtype).eps * max(1.0, scale)
+
+
+def check_dissimilarity(D: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``D`` is a square, finite, non-negative, symmetric matrix.
+
+    Negatives and asymmetries within float rounding (64 machine epsilons,
+    relative to ``max(1, max |D|)``) are accepted.
+    """
+    if not isinstance(D, torch.Tensor):
+        raise TypeError(f"D must be a torch.Tensor, got {type(D).__name__}")
+    if D.dim() != 2 or D.shape[0] != D.shape[1]:
+        raise ValueError(f"D must be a square (n, n) dissimilarity matrix, got shape {tuple(D.shape)}")
+    if not D.is_floating_point():
+        raise ValueError(f"D must be a floating-point matrix, got dtype {D.dtype}")
+    if D.shape[0] == 0:
+        raise ValueError("D is empty (0 x 0): there must be at least one point")
+    Dd = D.detach()
+    if not bool(torch.isfinite(Dd).all()):
+        bad = (~torch.isfinite(Dd)).nonzero()[0].tolist()
+        raise ValueError(f"D contains a non-finite value (NaN or inf), first at index {tuple(bad)}")
+    scale = float(Dd.abs().max())
+    tol = _tolerance(Dd, scale)
+    low = float(Dd.min())
+    if low < -tol:
+        raise ValueError(
+            f"D has a negative entry ({low:.3g}); dissimilarities must be >= 0 "
+            f"(tiny negatives down to -{tol:.1g} from rounding are clamped to 0)"
+        )
+    asym = float((Dd - Dd.T).abs().max())
+    if asym > tol:
+        raise ValueError(
+            f"D is not symmetric: max |D - D.T| = {asym:.3g} > tolerance {tol:.1g}; "
+            "pass (D + D.T) / 2 if the asymmetry is intended noise"
+        )
+
+
+def _gather_sorted(D: torch.Tensor, edges: torch.Tensor) -> Deaths:
+    """Deaths = (D[i, j] + D[j, i]) / 2 on the given edges, clamped at 0 in value only, sorted."""
+    i, j = edges[:, 0], edges[:, 1]
+    lo, hi = torch.minimum(i, j), torch.maximum(i, j)
+    d = 0.5 * (D[lo, hi] + D[hi, lo])
+    d = d + (d.detach().clamp_min(0.0) - d.detach())
+    order = torch.sort(d.detach(), stable=True).indices
+    return Deaths(d[order], torch.stack([lo, hi], dim=1)[order])
+
+
+def mst_deaths(D: torch.Tensor, backend: str = "auto", validate: bool = True) -> Deaths:
+    """Finite deaths of the Vietoris-Rips zero-dimensional persistence of ``D``.
+
+    Parameters
+    ----------
+    D : Tensor, shape (n, n)
+        Symmetric dissimilarity matrix (diagonal ignored) on any device.
+        Zero off-diagonal entries (duplicate points) are valid and give zero deaths.
+    backend : {"auto", "numba", "numpy", "boruvka"}
+        MST kernel; ``"auto"`` runs on ``D``'s device (see :mod:`topodecorr._kernels`).
+    validate : bool
+        Check shape, finiteness, sign and symmetry first (one host synchronisation).
+
+    Returns
+    -------
+    Deaths
+        ``deaths`` (n - 1,) ascending and differentiable w.r.t. ``D``; ``edges`` (n - 1, 2).
+        Ties are broken deterministically: the same input gives the same edges.
+
+    Raises
+    ------
+    ValueError
+        If ``D`` is not square, has a non-finite entry, a clearly negative entry,
+        or is clearly not symmetric.
+
+    Examples
+    --------
+    >>> import torch
+    >>> D = torch.tensor([[0.0, 0.2, 0.9], [0.2, 0.0, 0.4], [0.9, 0.4, 0.0]])
+    >>> deaths, edges = mst_deaths(D)
+    >>> deaths
+    tensor([0.2000, 0.4000])
+    >>> edges
+    tensor([[0, 1],
+            [1, 2]])
+    """
+    if validate:
+        check_dissimilarity(D)
+    n = D.shape[0]
+    if n <= 1:
+        return Deaths(D.new_zeros((0,)) + D.sum() * 0, torch.zeros((0, 2), dtype=torch.long, device=D.device))
+    edges = mst_edges(D.detach(), abs_corr=False, backend=backend)
+    return _gather_sorted(D, edges)
+
+
+def _upper_gram(z: torch.Tensor, block: int) -> torch.Tensor:
+    """Z^T Z computing only the blocks on and above the diagonal, mirrored below."""
+    n = z.shape[1]
+    C = torch.empty((n, n), dtype=z.dtype, device=z.device)
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        part = z[:, s:e].T @ z[:, s:]
+        C[s:e, s:] = part
+        C[e:, s:e] = part[:, e - s :].T
+    return C
+
+
+def correlation_deaths(
+    acts: torch.Tensor,
+    kind: str = "abs",
+    backend: str = "auto",
+    edges: torch.Tensor | None = None,
+    gram_block: int | None = None,
+) -> Deaths:
+    """Activations to MST deaths, back-propagating only through the n - 1 tree edges.
+
+    Equal in value and gradient to
+    ``mst_deaths(dissimilarity(correlation(acts), kind))`` (up to the order of
+    tied deaths), but the (n, n) correlation matrix is built once *without*
+    gradient to find the tree; only the n - 1 selected correlations are
+    recomputed, with gradient, from the normalised activations. The backward
+    pass is O(n B) instead of O(n^2 B), and no n x n matrix is kept for it.
+
+    Parameters
+    ----------
+    acts : Tensor, shape (B, n)
+        Activations (B samples, n neurons); statistics in float32 under autocast.
+    kind : {"abs", "sqrt"}
+        Dissimilarity (see :func:`topodecorr.dissimilarity`); both select the same tree.
+    backend : str
+        MST kernel, as in :func:`mst_deaths`.
+    edges : LongTensor (n - 1, 2), optional
+        Reuse a tree found earlier (``refresh_every`` in the training API): the
+        deaths of these edges are recomputed, the matrix and MST are skipped.
+        This is an approximation once the activations have moved.
+    gram_block : int, optional
+        Block width for computing only the upper half of the correlation
+        product (symmetry); ``None`` picks a measured default (one full product
+        below 2048 neurons).
+
+    Returns
+    -------
+    Deaths
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> acts = torch.randn(64, 5, generator=g, requires_grad=True)
+    >>> fused = correlation_deaths(acts)
+    >>> from topodecorr import correlation, dissimilarity
+    >>> dense = mst_deaths(dissimilarity(correlation(acts)))
+    >>> torch.allclose(fused.deaths, dense.deaths, atol=1e-6)
+    True
+    """
+    z, _dead = normalize_activations(acts)
+    n = z.shape[1]
+    if n <= 1:
+        return Deaths(z.new_zeros((0,)) + z.sum() * 0, torch.zeros((0, 2), dtype=torch.long, device=z.device))
+    if edges is None:
+        with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
+            zd = z.detach()
+            if gram_block is None:
+                gram_block = n if n < 2048 else max(512, n // 4)
+            C = zd.T @ zd if gram_block >= n else _upper_gram(zd, gram_block)
+            edges = mst_edges(C, abs_corr=True, backend=backend)
+    else:
+        if edges.shape != (n - 1, 2):
+            raise ValueError(f"edges must have shape ({n - 1}, 2) for {n} neurons, got {tuple(edges.shape)}")
+        edges = edges.to(z.device)
+    i, j = edges[:, 0], edges[:, 1]
+    lo, hi = torch.minimum(i, j), torch.maximum(i, j)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        c = (z[:, lo] * z[:, hi]).sum(dim=0)
+        c = _clip_unit_straight_through(c)
+        d = dissimilarity(c, kind)
+    order = torch.sort(d.detach(), stable=True).indices
+    return Deaths(d[order], torch.stack([lo, hi], dim=1)[order])
