@@ -122,7 +122,7 @@ def correlation(acts: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     Tensor, shape (n, n)
-        Symmetric, unit diagonal, entries in [-1, 1].
+        Exactly (bitwise) symmetric, unit diagonal, entries in [-1, 1].
 
     Examples
     --------
@@ -136,6 +136,10 @@ def correlation(acts: torch.Tensor) -> torch.Tensor:
     z, _ = normalize_activations(acts)
     with torch.autocast(device_type=z.device.type, enabled=False):
         c = z.T @ z
+        # a float matrix product is not bitwise symmetric (blocked summation order);
+        # downstream checks and kernels expect an exactly symmetric matrix, and
+        # sqrt(1 - c^2) would amplify a one-ulp asymmetry near |c| = 1 to ~1e-8
+        c = 0.5 * (c + c.T)
         c = _clip_unit_straight_through(c)
         n = c.shape[0]
         eye = torch.eye(n, dtype=torch.bool, device=c.device)

@@ -12,8 +12,9 @@ Boruvka correct (no cycles) and deterministic under ties. Within a row ``i``
 that order is simply ascending ``j`` among equal weights, which is what
 ``argmin`` returns (the first minimum).
 
-Memory: each round builds a masked copy of the matrix in chunks of rows
-(``chunk_rows`` x n), so the extra memory is O(chunk_rows * n + n).
+Memory: one (n, n) copy holding the symmetric part of the input (so that
+float rounding asymmetry cannot make two components disagree about an edge);
+each round then builds a masked copy in chunks of rows (``chunk_rows`` x n).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def boruvka_edges(W: torch.Tensor, chunk_rows: int | None = None) -> torch.Tenso
     Parameters
     ----------
     W : Tensor, shape (n, n)
-        Symmetric weights on any device; the diagonal is ignored. Not modified.
+        Weights on any device; the diagonal is ignored. Not modified. The tree
+        is that of the symmetric part ``(W + W.T) / 2`` (one temporary copy).
     chunk_rows : int, optional
         Rows masked at once; default keeps the temporary near 256 MiB.
 
@@ -58,7 +60,14 @@ def boruvka_edges(W: torch.Tensor, chunk_rows: int | None = None) -> torch.Tenso
     device = W.device
     if n <= 1:
         return torch.empty((0, 2), dtype=torch.long, device=device)
-    W = W.detach()
+    # Each component reads an edge's weight from its own rows. If W[i, j] and W[j, i]
+    # differ by even one ulp (a float matrix product is not bitwise symmetric), two
+    # components can disagree about the order of edges, pick edges that close a cycle,
+    # and the result is not a tree. So work on the symmetric part, which is bitwise
+    # symmetric (addition commutes) and is what mst_deaths differentiates.
+    half = W.detach() * 0.5
+    W = half + half.T
+    del half
     if chunk_rows is None:
         chunk_rows = max(1, min(n, (1 << 26) // max(n, 1)))
     arange = torch.arange(n, device=device)

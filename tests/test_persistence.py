@@ -1,0 +1,489 @@
+"""mst_deaths and correlation_deaths against independent references, on every kernel.
+
+References: scipy's minimum spanning tree, gudhi's and giotto-ph's dimension-0
+diagrams (padded with the zero-length bars they drop), planted trees,
+invariances, finite differences (gradcheck) and closed forms.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import strategies as S
+from topodecorr import correlation, correlation_deaths, dissimilarity, mst_deaths
+from topodecorr.persistence import Deaths
+
+ATOL = 1e-12
+
+
+def _check_structure(D: np.ndarray, res: Deaths) -> None:
+    """Shapes, dtypes, sorting, i < j, spanning tree, and deaths == D[edges]."""
+    n = D.shape[0]
+    deaths, edges = res
+    assert deaths.shape == (max(n - 1, 0),)
+    assert edges.shape == (max(n - 1, 0), 2)
+    assert edges.dtype == torch.long
+    d = deaths.detach().numpy()
+    e = edges.numpy()
+    assert np.all(np.diff(d) >= 0), "deaths must be sorted ascending"
+    assert np.all(e[:, 0] < e[:, 1]), "edges must be stored as (i, j) with i < j"
+    assert S.is_spanning_tree(e, n), "edges must form a spanning tree"
+    np.testing.assert_allclose(d, D[e[:, 0], e[:, 1]], rtol=0, atol=ATOL)
+
+
+# --------------------------------------------------------------------------- references, small n
+
+
+@given(S.matrices(min_n=1, max_n=30))
+@settings(max_examples=60)
+def test_small_matches_scipy_and_gudhi(backend, case):
+    family, n, seed, D = case
+    res = mst_deaths(torch.from_numpy(D), backend=backend)
+    _check_structure(D, res)
+    d = res.deaths.numpy()
+    np.testing.assert_allclose(d, S.scipy_deaths(D), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(d, S.gudhi_deaths(D), rtol=0, atol=1e-12)
+
+
+@given(S.matrices(min_n=2, max_n=30, families=("duplicates",)))
+@settings(max_examples=25)
+def test_duplicates_give_zero_deaths_never_dropped(backend, case):
+    family, n, seed, D = case
+    res = mst_deaths(torch.from_numpy(D), backend=backend)
+    assert res.deaths.shape == (n - 1,)
+    # zero deaths = n - (number of groups of neurons at distance 0): count groups with union-find
+    parent = list(range(n))
+
+    def find(a):
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for i, j in zip(*np.nonzero(np.triu(D == 0, 1))):
+        parent[find(i)] = find(j)
+    groups = len({find(a) for a in range(n)})
+    assert int((res.deaths == 0).sum()) == n - groups
+    # giotto-ph drops exactly those bars; padded, it agrees
+    np.testing.assert_allclose(res.deaths.numpy(), S.giotto_deaths(D), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- references, large n
+
+LARGE = [("random", 2000), ("lowrank", 700), ("quantised", 1500), ("duplicates", 1200)]
+
+
+@functools.lru_cache(maxsize=None)
+def _large_case(family: str, n: int):
+    D = S.make_matrix(family, n, seed=n)
+    return D, S.scipy_deaths(D), S.giotto_deaths(D)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,n", LARGE, ids=[f"{f}-{n}" for f, n in LARGE])
+def test_large_matches_scipy_and_giotto(backend, family, n):
+    D, ref_scipy, ref_giotto = _large_case(family, n)
+    res = mst_deaths(torch.from_numpy(D), backend=backend)
+    _check_structure(D, res)
+    d = res.deaths.numpy()
+    np.testing.assert_allclose(d, ref_scipy, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(d, ref_giotto, rtol=1e-6, atol=1e-6)  # giotto-ph works in float32
+    np.testing.assert_allclose(d.sum(), ref_scipy.sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float32_and_float64_agree(backend, dtype):
+    D = S.make_matrix("random", 200, seed=3)
+    res = mst_deaths(torch.from_numpy(D).to(dtype), backend=backend)
+    assert res.deaths.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    np.testing.assert_allclose(res.deaths.double().numpy(), S.scipy_deaths(D), rtol=0, atol=tol)
+
+
+# --------------------------------------------------------------------------- planted answers, invariances
+
+
+@given(S.planted(min_n=2, max_n=40))
+@settings(max_examples=40)
+def test_planted_tree_is_found(backend, case):
+    n, seed, D, planted = case
+    res = mst_deaths(torch.from_numpy(D), backend=backend)
+    assert S.edge_set(res.edges) == planted
+    expected = np.sort([D[i, j] for i, j in planted])
+    np.testing.assert_array_equal(res.deaths.numpy(), expected)
+
+
+@given(S.matrices(min_n=2, max_n=30), st.randoms(use_true_random=False))
+@settings(max_examples=40)
+def test_relabelling_permutes_edges_keeps_deaths(backend, case, rnd):
+    family, n, seed, D = case
+    perm = np.array(rnd.sample(range(n), n))
+    Dp = D[np.ix_(perm, perm)]  # new vertex a is old vertex perm[a]
+    r0 = mst_deaths(torch.from_numpy(D), backend=backend)
+    r1 = mst_deaths(torch.from_numpy(Dp), backend=backend)
+    np.testing.assert_array_equal(r0.deaths.numpy(), r1.deaths.numpy())
+    if family in S.GENERIC_FAMILIES:  # unique tree: the edges map onto each other
+        mapped = {(min(perm[a], perm[b]), max(perm[a], perm[b])) for a, b in r1.edges.tolist()}
+        assert mapped == S.edge_set(r0.edges)
+
+
+_MONOTONE = {
+    "cube+linear": lambda x: x**3 + 0.5 * x,
+    "sqrt": np.sqrt,
+    "expm1": np.expm1,
+    "scale": lambda x: 7.0 * x,
+}
+
+
+@pytest.mark.parametrize("fname", list(_MONOTONE))
+@given(case=S.matrices(min_n=2, max_n=30))
+@settings(max_examples=25)
+def test_increasing_map_keeps_edges(backend, fname, case):
+    family, n, seed, D = case
+    if family == "quantised":
+        # map the few levels exactly so ties stay ties
+        D = np.round(D * 4) / 4
+    f = _MONOTONE[fname]
+    FD = f(D)
+    np.fill_diagonal(FD, 0.0)
+    r0 = mst_deaths(torch.from_numpy(D), backend=backend)
+    r1 = mst_deaths(torch.from_numpy(FD), backend=backend)
+    if family in S.GENERIC_FAMILIES or family == "quantised":
+        # generic: the unique tree; quantised: the same deterministic tie-break on the same order
+        assert S.edge_set(r1.edges) == S.edge_set(r0.edges)
+    np.testing.assert_allclose(r1.deaths.numpy(), np.sort(f(r0.deaths.numpy())), rtol=1e-12, atol=1e-12)
+
+
+@given(S.matrices(min_n=2, max_n=40, families=("quantised", "duplicates")))
+@settings(max_examples=30)
+def test_deterministic_under_ties(backend, case):
+    family, n, seed, D = case
+    T = torch.from_numpy(D)
+    r0 = mst_deaths(T, backend=backend)
+    r1 = mst_deaths(T.clone(), backend=backend)
+    r2 = mst_deaths(T.T, backend=backend)  # same values, transposed (non-contiguous) memory
+    for r in (r1, r2):
+        assert torch.equal(r.edges, r0.edges)
+        assert torch.equal(r.deaths, r0.deaths)
+
+
+def test_all_equal_weights_deterministic(backend):
+    n = 50
+    D = torch.ones(n, n, dtype=torch.float64) - torch.eye(n, dtype=torch.float64)
+    r0 = mst_deaths(D, backend=backend)
+    assert S.is_spanning_tree(r0.edges.numpy(), n)
+    assert torch.equal(r0.deaths, torch.ones(n - 1, dtype=torch.float64))
+    for _ in range(3):
+        assert torch.equal(mst_deaths(D, backend=backend).edges, r0.edges)
+
+
+def test_backends_agree_on_generic_edges():
+    from topodecorr._kernels import available_backends
+
+    D = torch.from_numpy(S.make_matrix("lowrank", 300, seed=11))
+    sets = {b: S.edge_set(mst_deaths(D, backend=b).edges) for b in available_backends()}
+    first = next(iter(sets.values()))
+    assert all(s == first for s in sets.values()), "on generic input every kernel must find the unique MST"
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def _sym(A: torch.Tensor) -> torch.Tensor:
+    S_ = 0.5 * (A + A.T)
+    return S_ - torch.diag(torch.diagonal(S_))
+
+
+@pytest.mark.parametrize("n", [2, 3, 8])
+def test_gradcheck_mst_deaths(backend, n):
+    g = torch.Generator().manual_seed(n)
+    A = torch.rand(n, n, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda A: mst_deaths(_sym(A), backend=backend).deaths, (A,))
+    assert torch.autograd.gradgradcheck(lambda A: mst_deaths(_sym(A), backend=backend).deaths, (A,))
+
+
+def test_gradient_lands_on_edge_entries_split_half(backend):
+    D = torch.from_numpy(S.make_matrix("random", 12, seed=5)).requires_grad_(True)
+    res = mst_deaths(D, backend=backend)
+    w = torch.arange(1.0, 12.0, dtype=torch.float64)  # a different weight per death
+    (w * res.deaths).sum().backward()
+    expected = torch.zeros_like(D)
+    for k, (i, j) in enumerate(res.edges.tolist()):
+        expected[i, j] += 0.5 * w[k]
+        expected[j, i] += 0.5 * w[k]
+    assert torch.equal(D.grad, expected)
+
+
+def test_negative_rounding_clamped_value_zero_gradient_kept(backend):
+    # float32 rounding of a duplicate pair: D[0, 1] slightly negative (within tolerance)
+    D = torch.tensor([[0.0, 0.5, 0.7], [0.5, 0.0, 0.6], [0.7, 0.6, 0.0]], dtype=torch.float32)
+    D[0, 2] = D[2, 0] = -3e-7
+    D.requires_grad_(True)
+    res = mst_deaths(D, backend=backend)
+    assert res.deaths.shape == (2,)
+    assert res.deaths[0].item() == 0.0, "tiny negatives are clamped to 0 in value"
+    assert res.edges[0].tolist() == [0, 2]
+    res.deaths[0].backward()
+    assert D.grad[0, 2].item() == 0.5 and D.grad[2, 0].item() == 0.5, "the clamp must not zero the gradient"
+    assert float(D.grad.abs().sum()) == 1.0
+
+
+@given(S.matrices(min_n=1, max_n=25))
+@settings(max_examples=30)
+def test_backward_finite_everywhere(backend, case):
+    family, n, seed, D = case
+    T = torch.from_numpy(D).float().requires_grad_(True)
+    res = mst_deaths(T, backend=backend)
+    assert torch.isfinite(res.deaths).all()
+    (res.deaths.sum() + (res.deaths**2).sum()).backward()
+    assert T.grad is not None and torch.isfinite(T.grad).all()
+    assert float(T.grad.sum()) == pytest.approx(float((1 + 2 * res.deaths.detach()).sum()), rel=1e-5, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def test_n_equals_one_gives_empty_outputs(backend):
+    D = torch.zeros(1, 1, requires_grad=True)
+    deaths, edges = mst_deaths(D, backend=backend)
+    assert deaths.shape == (0,) and edges.shape == (0, 2) and edges.dtype == torch.long
+    deaths.sum().backward()  # still part of the graph: no error, zero gradient
+    assert torch.equal(D.grad, torch.zeros(1, 1))
+
+
+def test_n_equals_two(backend):
+    D = torch.tensor([[0.0, 0.3], [0.3, 0.0]])
+    deaths, edges = mst_deaths(D, backend=backend)
+    assert deaths.tolist() == [pytest.approx(0.3)]
+    assert edges.tolist() == [[0, 1]]
+
+
+def test_all_zero_matrix_gives_zero_deaths(backend):
+    deaths, edges = mst_deaths(torch.zeros(7, 7), backend=backend)
+    assert torch.equal(deaths, torch.zeros(6))
+    assert S.is_spanning_tree(edges.numpy(), 7)
+
+
+def test_diagonal_is_ignored(backend):
+    D = S.make_matrix("random", 15, seed=2)
+    D2 = D.copy()
+    np.fill_diagonal(D2, 0.9)  # a non-zero diagonal changes nothing
+    r0 = mst_deaths(torch.from_numpy(D), backend=backend)
+    r1 = mst_deaths(torch.from_numpy(D2), backend=backend)
+    assert torch.equal(r0.edges, r1.edges) and torch.equal(r0.deaths, r1.deaths)
+
+
+def test_validate_false_skips_checks_but_same_answer(backend):
+    D = torch.from_numpy(S.make_matrix("random", 20, seed=9))
+    r0 = mst_deaths(D, backend=backend)
+    r1 = mst_deaths(D, backend=backend, validate=False)
+    assert torch.equal(r0.edges, r1.edges) and torch.equal(r0.deaths, r1.deaths)
+
+
+def test_float_rounding_asymmetry_accepted_and_tree_valid(backend):
+    # symmetric up to a few ulps (as a float32 matrix product gives), with heavy ties
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        n = 5 + trial
+        D = torch.full((n, n), 0.5) + 3e-8 * torch.randint(0, 3, (n, n), generator=g).float()
+        D.fill_diagonal_(0.0)
+        res = mst_deaths(D, backend=backend)
+        assert S.is_spanning_tree(res.edges.numpy(), n), f"not a spanning tree for n={n}"
+        assert torch.allclose(res.deaths, torch.full((n - 1,), 0.5), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "D,match",
+    [
+        (torch.zeros(3, 4), "square"),
+        (torch.zeros(3), "square"),
+        (torch.zeros(2, 3, 3), "square"),
+        (torch.zeros(0, 0), "empty"),
+        (torch.tensor([[0.0, float("nan")], [float("nan"), 0.0]]), "non-finite"),
+        (torch.tensor([[0.0, float("inf")], [float("inf"), 0.0]]), "non-finite"),
+        (torch.tensor([[0.0, -0.1], [-0.1, 0.0]]), "negative"),
+        (torch.tensor([[0.0, 0.2], [0.3, 0.0]]), "not symmetric"),
+        (torch.zeros(3, 3, dtype=torch.long), "floating-point"),
+    ],
+    ids=["non-square", "1-D", "3-D", "empty", "nan", "inf", "negative", "asymmetric", "integer"],
+)
+def test_errors_say_which(D, match):
+    with pytest.raises(ValueError, match=match):
+        mst_deaths(D)
+
+
+def test_non_tensor_raises_type_error():
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        mst_deaths(np.zeros((3, 3)))
+
+
+def test_bad_backend_raises():
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        mst_deaths(torch.zeros(3, 3), backend="nope")
+
+
+# --------------------------------------------------------------------------- the fused pipeline
+
+
+def _dense(acts, kind, backend):
+    return mst_deaths(dissimilarity(correlation(acts), kind), backend=backend)
+
+
+@pytest.mark.parametrize("kind", ["abs", "sqrt"])
+@given(case=S.activations(min_n=1, max_n=20))
+@settings(max_examples=25)
+def test_fused_equals_dense_in_value(backend, kind, case):
+    family, seed, A = case
+    acts = torch.from_numpy(A)
+    fused = correlation_deaths(acts, kind=kind, backend=backend)
+    dense = _dense(acts, kind, backend)
+    n = A.shape[1]
+    assert fused.deaths.shape == (n - 1,) and fused.edges.shape == (n - 1, 2)
+    assert S.is_spanning_tree(fused.edges.numpy(), n)
+    # sqrt(1 - c^2) turns a rounding error e of c near +-1 into sqrt(2e): looser there
+    torch.testing.assert_close(fused.deaths, dense.deaths, rtol=0, atol=1e-9 if kind == "abs" else 1e-7)
+    # and both equal the MST of an independent NumPy 1 - |corr| (for "abs")
+    if kind == "abs" and family != "dead":
+        ref = S.scipy_deaths(S.abs_corr_dissimilarity(A))
+        np.testing.assert_allclose(fused.deaths.numpy(), ref, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["abs", "sqrt"])
+@pytest.mark.parametrize("family", ["gaussian", "lowrank", "dead"])
+def test_fused_equals_dense_in_gradient(backend, kind, family):
+    A = S.make_activations(family, 24, 15, seed=4)
+    a1 = torch.from_numpy(A).requires_grad_(True)
+    a2 = torch.from_numpy(A).requires_grad_(True)
+    f = correlation_deaths(a1, kind=kind, backend=backend)
+    d = _dense(a2, kind, backend)
+    assert torch.equal(f.edges, d.edges), "generic input: both pipelines pick the unique tree"
+    w = torch.linspace(1.0, 2.0, f.deaths.numel(), dtype=torch.float64)
+    (w * f.deaths).sum().backward()
+    (w * d.deaths).sum().backward()
+    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-9, atol=1e-12)
+    assert torch.isfinite(a1.grad).all()
+    if family == "dead":
+        dead = np.ptp(A, axis=0) == 0
+        assert dead.any()
+        assert torch.all(a1.grad[:, torch.from_numpy(dead)] == 0)
+
+
+@pytest.mark.parametrize("kind", ["abs", "sqrt"])
+def test_gradcheck_correlation_deaths(backend, kind):
+    g = torch.Generator().manual_seed(1)
+    acts = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: correlation_deaths(a, kind=kind, backend=backend).deaths, (acts,))
+
+
+def test_fused_float32_matches_float64(backend):
+    A = S.make_activations("lowrank", 64, 40, seed=8)
+    d64 = correlation_deaths(torch.from_numpy(A), backend=backend).deaths
+    d32 = correlation_deaths(torch.from_numpy(A).float(), backend=backend).deaths
+    assert d32.dtype == torch.float32
+    torch.testing.assert_close(d32.double(), d64, rtol=0, atol=2e-5)
+
+
+def test_fused_duplicates_no_nan_and_zero_deaths(backend):
+    A = S.make_activations("duplicates", 32, 20, seed=2)  # 10 distinct neurons, 10 repeats
+    acts = torch.from_numpy(A).float().requires_grad_(True)
+    res = correlation_deaths(acts, backend=backend)
+    assert res.deaths.shape == (19,)
+    assert (res.deaths >= 0).all()
+    assert int((res.deaths < 1e-5).sum()) == 10, "each repeat gives one (near-)zero death, none dropped"
+    t = (1 - res.deaths).sum()
+    t.backward()
+    assert torch.isfinite(acts.grad).all()
+
+
+def test_fused_constant_batch(backend):
+    acts = torch.ones(16, 6) * torch.arange(6.0)  # every neuron constant
+    acts.requires_grad_(True)
+    res = correlation_deaths(acts, backend=backend)
+    assert torch.equal(res.deaths, torch.ones(5)), "dead neurons are uncorrelated: d = 1"
+    res.deaths.sum().backward()
+    assert torch.equal(acts.grad, torch.zeros_like(acts))
+
+
+def test_fused_batch_size_two(backend):
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(2, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    res = correlation_deaths(acts, backend=backend)
+    # with two samples every non-constant pair has corr +-1: all deaths 0
+    torch.testing.assert_close(res.deaths, torch.zeros(8, dtype=torch.float64), rtol=0, atol=1e-12)
+    res.deaths.sum().backward()
+    assert torch.isfinite(acts.grad).all()
+
+
+def test_fused_n_equals_one(backend):
+    acts = torch.randn(5, 1, requires_grad=True)
+    res = correlation_deaths(acts, backend=backend)
+    assert res.deaths.shape == (0,) and res.edges.shape == (0, 2)
+    res.deaths.sum().backward()
+    assert torch.equal(acts.grad, torch.zeros_like(acts))
+
+
+def test_fused_reuses_given_edges():
+    A = torch.from_numpy(S.make_activations("gaussian", 30, 12, seed=6))
+    r = correlation_deaths(A)
+    again = correlation_deaths(A, edges=r.edges.flip(0))
+    assert torch.equal(again.deaths, r.deaths)
+    # stale edges: the deaths of those (now non-minimal) edges are recomputed from the new acts
+    B = torch.from_numpy(S.make_activations("gaussian", 30, 12, seed=7))
+    stale = correlation_deaths(B, edges=r.edges)
+    C = 1 - correlation(B).abs()
+    expected = torch.sort(C[r.edges[:, 0], r.edges[:, 1]]).values
+    torch.testing.assert_close(stale.deaths, expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="edges must have shape"):
+        correlation_deaths(A, edges=r.edges[:-1])
+
+
+@pytest.mark.parametrize("block", [1, 5, 13, 64])
+def test_fused_blocked_gram_matches(block):
+    A = torch.from_numpy(S.make_activations("lowrank", 40, 37, seed=3))
+    r0 = correlation_deaths(A)
+    r1 = correlation_deaths(A, gram_block=block)
+    assert torch.equal(r0.edges, r1.edges)
+    torch.testing.assert_close(r0.deaths, r1.deaths, rtol=0, atol=1e-12)
+
+
+def test_fused_autocast_bfloat16_gives_float32():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(64, 20, generator=g).bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = correlation_deaths(acts)
+    assert res.deaths.dtype == torch.float32
+    ref = correlation_deaths(acts.detach().float())
+    torch.testing.assert_close(res.deaths, ref.deaths, rtol=0, atol=1e-6)
+    res.deaths.sum().backward()
+    assert acts.grad.dtype == torch.bfloat16 and torch.isfinite(acts.grad.float()).all()
+
+
+@pytest.mark.parametrize(
+    "acts,exc,match",
+    [
+        (torch.zeros(5), ValueError, "batch, neurons"),
+        (torch.zeros(1, 4), ValueError, "batch size 1"),
+        (torch.zeros(4, 3, dtype=torch.long), TypeError, "floating-point"),
+        (torch.tensor([[0.0, 1.0], [float("nan"), 2.0]]), ValueError, "NaN or inf"),
+    ],
+    ids=["1-D", "batch-1", "integer", "nan"],
+)
+def test_fused_errors(acts, exc, match):
+    with pytest.raises(exc, match=match):
+        correlation_deaths(acts)
+
+
+def test_fused_bad_kind_and_backend():
+    acts = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="unknown dissimilarity kind 'cosine'"):
+        correlation_deaths(acts, kind="cosine")
+    with pytest.raises(ValueError, match="unknown backend"):
+        correlation_deaths(acts, backend="gpu-magic")
