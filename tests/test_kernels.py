@@ -1,0 +1,275 @@
+"""The MST kernel registry and each kernel on its own (edges only, no gradient).
+
+Includes the guard that the compiled numba kernel is installed and is what
+``backend="auto"`` really runs on the CPU: CI must not silently fall back to
+the slow NumPy Prim's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+
+import strategies as S
+import topodecorr._kernels as K
+from topodecorr import correlation, correlation_deaths, mst_deaths
+from topodecorr._kernels.boruvka import boruvka_edges
+from topodecorr._kernels.reference import prim_edges_numpy
+
+
+def _weight(D: np.ndarray, edges) -> float:
+    e = np.asarray(edges).reshape(-1, 2)
+    return float(D[e[:, 0], e[:, 1]].sum())
+
+
+def _kruskal_ordered(D: np.ndarray) -> set[tuple[int, int]]:
+    """Kruskal with the total order (weight, i, j): the unique tree under that order."""
+    n = D.shape[0]
+    pairs = sorted((D[i, j], i, j) for i in range(n) for j in range(i + 1, n))
+    parent = list(range(n))
+
+    def find(a):
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    out = set()
+    for _, i, j in pairs:
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[ri] = rj
+            out.add((i, j))
+    return out
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def test_numba_kernel_installed_and_chosen_by_auto():
+    assert importlib.util.find_spec("numba") is not None, "numba must be installed for the tests (dev extra)"
+    assert "numba" in K.available_backends()
+    assert K.resolve_backend("auto", torch.device("cpu")).name == "numba"
+
+
+def test_auto_really_runs_numba_on_cpu(monkeypatch):
+    calls = []
+    real = K.KERNELS["numba"]
+
+    def spy(M, abs_corr):
+        calls.append((tuple(M.shape), abs_corr))
+        return real.run(M, abs_corr)
+
+    monkeypatch.setitem(K.KERNELS, "numba", dataclasses.replace(real, run=spy))
+    D = torch.from_numpy(S.make_matrix("random", 20, seed=0))
+    mst_deaths(D)
+    correlation_deaths(torch.randn(16, 9))
+    assert calls == [((20, 20), False), ((9, 9), True)], "backend='auto' must use the compiled kernel on CPU"
+
+
+def test_numba_kernel_is_compiled():
+    from topodecorr._kernels import numba_prim
+
+    # an njit dispatcher: compiled signatures appear once it has run
+    numba_prim.prim_min(np.zeros((3, 3)))
+    assert len(numba_prim._prim.signatures) >= 1
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_contents():
+    assert set(K.KERNELS) == {"numba", "numpy", "boruvka"}
+    for name, k in K.KERNELS.items():
+        assert k.name == name and k.description and callable(k.run)
+    assert set(K.available_backends()) <= set(K.KERNELS)
+    assert {"numpy", "boruvka"} <= set(K.available_backends())
+
+
+def test_resolve_backend_auto_on_accelerator_is_boruvka():
+    # no accelerator is needed to test the choice itself
+    assert K.resolve_backend("auto", torch.device("cuda")).name == "boruvka"
+    assert K.resolve_backend("boruvka", torch.device("cuda")).name == "boruvka"
+
+
+def test_resolve_backend_errors(monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown backend 'fast'.*boruvka.*numba.*numpy"):
+        K.resolve_backend("fast", torch.device("cpu"))
+    with pytest.raises(ValueError, match="runs on .*cpu.* but the matrix is on cuda"):
+        K.resolve_backend("numba", torch.device("cuda"))
+    with pytest.raises(ValueError, match="runs on .*cpu.* but the matrix is on cuda"):
+        K.resolve_backend("numpy", torch.device("cuda"))
+    off = dataclasses.replace(K.KERNELS["numba"], is_available=lambda: False)
+    monkeypatch.setitem(K.KERNELS, "numba", off)
+    with pytest.raises(RuntimeError, match="'numba' is not available"):
+        K.resolve_backend("numba", torch.device("cpu"))
+
+
+def test_fallback_without_numba_warns_once(monkeypatch):
+    monkeypatch.setattr(K, "_numba_available", lambda: False)
+    monkeypatch.setattr(K, "_warned_fallback", False)
+    with pytest.warns(RuntimeWarning, match="numba is not installed"):
+        k = K.resolve_backend("auto", torch.device("cpu"))
+    assert k.name == "numpy"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert K.resolve_backend("auto", torch.device("cpu")).name == "numpy"  # no second warning
+
+
+def test_core_works_without_numba_in_a_fresh_process():
+    code = textwrap.dedent(
+        """
+        import sys, warnings
+        sys.modules["numba"] = None  # as if numba were not installed
+        import torch, topodecorr
+        assert "numba" not in topodecorr.available_backends()
+        D = torch.tensor([[0.0, 0.2, 0.9], [0.2, 0.0, 0.4], [0.9, 0.4, 0.0]])
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            deaths, edges = topodecorr.mst_deaths(D)
+        assert any("numba is not installed" in str(x.message) for x in w), w
+        assert deaths.tolist() == [0.20000000298023224, 0.4000000059604645], deaths
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+# --------------------------------------------------------------------------- kernels against each other
+
+
+@pytest.mark.parametrize("name", ["numba", "numpy", "boruvka"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_edges_min_weight(name, dtype):
+    if name not in K.available_backends():
+        pytest.skip(f"{name} not installed")
+    for family in S.FAMILIES:
+        D = S.make_matrix(family, 60, seed=1)
+        M = torch.from_numpy(D).to(dtype)
+        e = K.mst_edges(M, abs_corr=False, backend=name)
+        assert e.dtype == torch.long and e.shape == (59, 2) and e.device == M.device
+        assert S.is_spanning_tree(e.numpy(), 60)
+        Dd = M.double().numpy()
+        assert _weight(Dd, e) == pytest.approx(S.scipy_deaths(Dd).sum(), abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["numba", "numpy", "boruvka"])
+@given(case=S.activations(min_n=2, max_n=25))
+@settings(max_examples=25)
+def test_kernel_abs_corr_mode(name, case):
+    """abs_corr=True on C finds a minimum tree of 1 - |C| (computed implicitly)."""
+    if name not in K.available_backends():
+        pytest.skip(f"{name} not installed")
+    family, seed, A = case
+    C = correlation(torch.from_numpy(A))
+    W = (1 - C.abs()).numpy()
+    e_abs = K.mst_edges(C, abs_corr=True, backend=name)
+    assert S.is_spanning_tree(e_abs.numpy(), C.shape[0])
+    assert _weight(W, e_abs) == pytest.approx(S.scipy_deaths(W).sum(), abs=1e-9)
+
+
+def test_prim_variants_agree_on_generic_input():
+    from topodecorr._kernels import numba_prim
+
+    C = correlation(torch.from_numpy(S.make_activations("lowrank", 50, 80, seed=2))).numpy()
+    W = 1.0 - np.abs(C)
+    sets = [
+        S.edge_set(numba_prim.prim_abs_max(C)),
+        S.edge_set(numba_prim.prim_min(W)),
+        S.edge_set(numba_prim.prim_min(W.astype(np.float32))),
+        S.edge_set(prim_edges_numpy(W)),
+        S.edge_set(boruvka_edges(torch.from_numpy(W)).numpy()),
+    ]
+    assert all(s == sets[0] for s in sets)
+
+
+def test_kernels_accept_non_contiguous_input():
+    D = S.make_matrix("random", 40, seed=4)
+    big = np.zeros((80, 80))
+    big[::2, ::2] = D
+    view = torch.from_numpy(big)[::2, ::2]
+    assert not view.is_contiguous()
+    for name in K.available_backends():
+        e = K.mst_edges(view, backend=name)
+        assert S.edge_set(e.numpy()) == S.edge_set(prim_edges_numpy(D)), name
+
+
+def test_reference_prim_order_and_weights():
+    D = S.make_matrix("random", 30, seed=5)
+    e = prim_edges_numpy(D)
+    # Prim's grows one tree from vertex 0: every edge's parent is already in the tree
+    seen = {0}
+    for p, c in e.tolist():
+        assert p in seen and c not in seen
+        seen.add(c)
+    assert _weight(D, e) == pytest.approx(S.scipy_deaths(D).sum(), abs=1e-12)
+
+
+# --------------------------------------------------------------------------- Boruvka specifics
+
+
+@given(S.matrices(min_n=1, max_n=30))
+@settings(max_examples=40)
+def test_boruvka_is_kruskal_under_its_total_order(case):
+    """With ties broken by (weight, i, j), as documented, the tree is unique: Kruskal's."""
+    family, n, seed, D = case
+    e = boruvka_edges(torch.from_numpy(D))
+    assert S.edge_set(e.numpy()) == _kruskal_ordered(D)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 7, 64])
+def test_boruvka_chunking_does_not_change_edges(chunk_rows):
+    for family in S.FAMILIES:
+        D = torch.from_numpy(S.make_matrix(family, 45, seed=6))
+        ref = boruvka_edges(D)
+        got = boruvka_edges(D, chunk_rows=chunk_rows)
+        assert torch.equal(got, ref), family
+
+
+def test_boruvka_rounding_asymmetry_still_a_tree():
+    """Regression: one-ulp asymmetry plus ties made Boruvka close cycles (or index out of range)."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        n = 3 + trial % 30
+        W = torch.full((n, n), 0.5) + 3e-8 * torch.randint(0, 3, (n, n), generator=g).float()
+        W.fill_diagonal_(0.0)
+        e = boruvka_edges(W)
+        assert S.is_spanning_tree(e.numpy(), n)
+        assert S.edge_set(e.numpy()) == _kruskal_ordered((0.5 * W + 0.5 * W.T).double().numpy())
+
+
+def test_boruvka_cycle_of_asymmetric_preferences():
+    # float32, symmetric within rounding; vertex 0 prefers 2 (row 0), 2 prefers 1 (row 2),
+    # and 1 sees all its edges equal: the pre-fix kernel returned the cycle 0-2, 0-1, 1-2
+    k = torch.tensor([[0, 2, 0, 2], [2, 0, 2, 2], [2, 0, 0, 0], [2, 2, 2, 0]], dtype=torch.float32)
+    W = 0.5 + 3e-8 * k
+    W.fill_diagonal_(0.0)
+    e = boruvka_edges(W)
+    assert S.is_spanning_tree(e.numpy(), 4), e.tolist()
+
+
+def test_boruvka_does_not_modify_input():
+    W = torch.from_numpy(S.make_matrix("random", 20, seed=3))
+    W[0, 1] += 1e-9  # slightly asymmetric
+    before = W.clone()
+    boruvka_edges(W)
+    assert torch.equal(W, before)
+
+
+def test_boruvka_power_of_two_and_odd_sizes():
+    for n in [1, 2, 3, 4, 5, 8, 16, 17, 31, 32, 33, 64, 65]:
+        D = S.make_matrix("random", n, seed=n)
+        e = boruvka_edges(torch.from_numpy(D))
+        assert e.shape == (max(n - 1, 0), 2)
+        assert S.edge_set(e.numpy()) == _kruskal_ordered(D), n
