@@ -212,6 +212,8 @@ def test_gradcheck_dissimilarity(kind):
     sign = torch.where(torch.arange(12) % 2 == 0, 1.0, -1.0).double()
     c = (mag * sign).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda c: dissimilarity(c, kind), (c,))
+    # second order too (a custom backward must itself be differentiable)
+    assert torch.autograd.gradgradcheck(lambda c: dissimilarity(c, kind), (c,))
 
 
 def test_dissimilarity_closed_forms():

@@ -151,6 +151,8 @@ def test_mean_abs_correlation_small_and_errors():
         mean_abs_correlation(torch.ones(2, 3))
     with pytest.raises(ValueError, match="square"):
         mean_abs_correlation(torch.ones(3))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        mean_abs_correlation(np.eye(3))
 
 
 # --------------------------------------------------------------------------- DeCov
@@ -195,6 +197,8 @@ def test_decov_autocast_float32():
 def test_decov_errors():
     with pytest.raises(ValueError, match=r"shape \(batch, neurons\)"):
         decov(torch.zeros(5))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        decov(np.zeros((4, 3)))
 
 
 # --------------------------------------------------------------------------- L1, L2

@@ -381,6 +381,7 @@ def test_gradcheck_correlation_deaths(backend, kind):
     g = torch.Generator().manual_seed(1)
     acts = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a: correlation_deaths(a, kind=kind, backend=backend).deaths, (acts,))
+    assert torch.autograd.gradgradcheck(lambda a: correlation_deaths(a, kind=kind, backend=backend).deaths, (acts,))
 
 
 def test_fused_float32_matches_float64(backend):
@@ -443,6 +444,21 @@ def test_fused_reuses_given_edges():
     torch.testing.assert_close(stale.deaths, expected, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="edges must have shape"):
         correlation_deaths(A, edges=r.edges[:-1])
+
+
+@pytest.mark.slow
+def test_fused_large_n_default_blocked_product(backend):
+    """n >= 2048 takes the symmetric blocked product by default; check it against giotto-ph."""
+    A = S.make_activations("lowrank", 48, 2100, seed=12)
+    res = correlation_deaths(torch.from_numpy(A), backend=backend)
+    assert S.is_spanning_tree(res.edges.numpy(), 2100)
+    ref = _fused_large_reference()
+    np.testing.assert_allclose(res.deaths.numpy(), ref, rtol=1e-6, atol=1e-6)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_large_reference():
+    return S.giotto_deaths(S.abs_corr_dissimilarity(S.make_activations("lowrank", 48, 2100, seed=12)))
 
 
 @pytest.mark.parametrize("block", [1, 5, 13, 64])

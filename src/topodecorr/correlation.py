@@ -152,14 +152,14 @@ class _SqrtOneMinusSquare(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, c):  # noqa: D102
-        s = (1.0 - c * c).clamp_min(0.0)
-        ctx.save_for_backward(c, s)
-        return s.sqrt()
+        ctx.save_for_backward(c)
+        return (1.0 - c * c).clamp_min(0.0).sqrt()
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        c, s = ctx.saved_tensors
-        denom = s.sqrt().clamp_min(_SQRT_GRAD_FLOOR)
+        (c,) = ctx.saved_tensors
+        # recomputed from c with differentiable ops, so that double backward is right too
+        denom = (1.0 - c * c).clamp_min(_SQRT_GRAD_FLOOR**2).sqrt()
         return grad * (-c / denom)
 
 

@@ -77,6 +77,8 @@ def mean_abs_correlation(corr: torch.Tensor) -> torch.Tensor:
     >>> mean_abs_correlation(torch.tensor([[1.0, -0.5], [-0.5, 1.0]]))
     tensor(0.5000)
     """
+    if not isinstance(corr, torch.Tensor):
+        raise TypeError(f"corr must be a torch.Tensor of shape (n, n), got {type(corr).__name__}")
     if corr.dim() != 2 or corr.shape[0] != corr.shape[1]:
         raise ValueError(f"corr must be a square (n, n) matrix, got shape {tuple(corr.shape)}")
     n = corr.shape[0]
@@ -98,6 +100,8 @@ def decov(acts: torch.Tensor) -> torch.Tensor:
     >>> decov(torch.tensor([[1.0, 1.0], [-1.0, -1.0]]))
     tensor(1.)
     """
+    if not isinstance(acts, torch.Tensor):
+        raise TypeError(f"acts must be a torch.Tensor of shape (batch, neurons), got {type(acts).__name__}")
     if acts.dim() != 2:
         raise ValueError(f"acts must have shape (batch, neurons), got {tuple(acts.shape)}")
     with torch.autocast(device_type=acts.device.type, enabled=False):
