@@ -4,7 +4,9 @@
   (pytest runs with ``--import-mode=importlib``, which does not do that).
 * Hypothesis runs derandomised (the same examples every run, so CI is
   reproducible) with no per-example deadline (timings on a shared 2-core
-  machine are noisy). ``HYPOTHESIS_PROFILE=thorough`` runs many more examples.
+  machine are noisy). For a soak run, ``HYPOTHESIS_PROFILE=thorough`` draws
+  fresh random examples every run and ``HYPOTHESIS_SCALE=20`` multiplies every
+  test's example count (see ``strategies.examples``).
 * ``backend`` parametrises a test over every MST kernel available here.
 """
 

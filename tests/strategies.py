@@ -27,8 +27,19 @@ with zeros to n - 1 deaths), and a union-find spanning-tree check.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from hypothesis import strategies as st
+
+# ``HYPOTHESIS_SCALE=20 make test`` multiplies every test's example count (a long soak run).
+_SCALE = max(1, int(os.environ.get("HYPOTHESIS_SCALE", "1")))
+
+
+def examples(k: int) -> int:
+    """The number of hypothesis examples for a test: ``k`` times ``$HYPOTHESIS_SCALE``."""
+    return k * _SCALE
+
 
 FAMILIES = ("random", "lowrank", "quantised", "duplicates")
 GENERIC_FAMILIES = ("random", "lowrank")  # no ties with probability 1

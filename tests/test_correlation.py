@@ -27,7 +27,7 @@ def _numpy_corr(A: np.ndarray) -> np.ndarray:
 
 
 @given(S.activations(min_n=1, max_n=20))
-@settings(max_examples=60)
+@settings(max_examples=S.examples(60))
 def test_correlation_matches_numpy(case):
     family, seed, A = case
     C = correlation(torch.from_numpy(A))
@@ -39,7 +39,7 @@ def test_correlation_matches_numpy(case):
 
 
 @given(S.activations(min_n=1, max_n=20))
-@settings(max_examples=30)
+@settings(max_examples=S.examples(30))
 def test_correlation_float32_close_to_float64(case):
     family, seed, A = case
     C32 = correlation(torch.from_numpy(A).float())
@@ -143,7 +143,7 @@ def test_duplicate_neurons_float32_clipped_no_nan():
 
 
 @given(S.activations(min_batch=2, max_batch=12, min_n=1, max_n=12))
-@settings(max_examples=40)
+@settings(max_examples=S.examples(40))
 def test_no_nan_forward_or_backward(case):
     family, seed, A = case
     for dtype in (torch.float32, torch.float64):

@@ -166,7 +166,7 @@ def test_kernel_edges_min_weight(name, dtype):
 
 @pytest.mark.parametrize("name", ["numba", "numpy", "boruvka"])
 @given(case=S.activations(min_n=2, max_n=25))
-@settings(max_examples=25)
+@settings(max_examples=S.examples(25))
 def test_kernel_abs_corr_mode(name, case):
     """abs_corr=True on C finds a minimum tree of 1 - |C| (computed implicitly)."""
     if name not in K.available_backends():
@@ -220,7 +220,7 @@ def test_reference_prim_order_and_weights():
 
 
 @given(S.matrices(min_n=1, max_n=30))
-@settings(max_examples=40)
+@settings(max_examples=S.examples(40))
 def test_boruvka_is_kruskal_under_its_total_order(case):
     """With ties broken by (weight, i, j), as documented, the tree is unique: Kruskal's."""
     family, n, seed, D = case

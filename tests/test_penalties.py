@@ -59,7 +59,7 @@ def test_t2_default_alpha_is_half():
 
 
 @given(deaths_arrays, st.floats(0.0, 1.0), st.floats(-0.5, 0.5))
-@settings(max_examples=30)
+@settings(max_examples=S.examples(30))
 def test_t2_shift_property(d, alpha, c):
     # the std ignores a shift, the mean moves with it
     base = t2(torch.from_numpy(d), alpha).item()
@@ -120,7 +120,7 @@ def test_t1_t2_on_real_deaths_end_to_end():
 
 
 @given(S.activations(min_n=2, max_n=15))
-@settings(max_examples=30)
+@settings(max_examples=S.examples(30))
 def test_mean_abs_correlation_numpy(case):
     family, seed, A = case
     C = correlation(torch.from_numpy(A))
@@ -166,7 +166,7 @@ def _decov_numpy(A):
 
 
 @given(S.activations(min_n=1, max_n=15))
-@settings(max_examples=30)
+@settings(max_examples=S.examples(30))
 def test_decov_numpy(case):
     family, seed, A = case
     out = decov(torch.from_numpy(A))

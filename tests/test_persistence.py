@@ -41,7 +41,7 @@ def _check_structure(D: np.ndarray, res: Deaths) -> None:
 
 
 @given(S.matrices(min_n=1, max_n=30))
-@settings(max_examples=60)
+@settings(max_examples=S.examples(60))
 def test_small_matches_scipy_and_gudhi(backend, case):
     family, n, seed, D = case
     res = mst_deaths(torch.from_numpy(D), backend=backend)
@@ -52,7 +52,7 @@ def test_small_matches_scipy_and_gudhi(backend, case):
 
 
 @given(S.matrices(min_n=2, max_n=30, families=("duplicates",)))
-@settings(max_examples=25)
+@settings(max_examples=S.examples(25))
 def test_duplicates_give_zero_deaths_never_dropped(backend, case):
     family, n, seed, D = case
     res = mst_deaths(torch.from_numpy(D), backend=backend)
@@ -109,7 +109,7 @@ def test_float32_and_float64_agree(backend, dtype):
 
 
 @given(S.planted(min_n=2, max_n=40))
-@settings(max_examples=40)
+@settings(max_examples=S.examples(40))
 def test_planted_tree_is_found(backend, case):
     n, seed, D, planted = case
     res = mst_deaths(torch.from_numpy(D), backend=backend)
@@ -119,7 +119,7 @@ def test_planted_tree_is_found(backend, case):
 
 
 @given(S.matrices(min_n=2, max_n=30), st.randoms(use_true_random=False))
-@settings(max_examples=40)
+@settings(max_examples=S.examples(40))
 def test_relabelling_permutes_edges_keeps_deaths(backend, case, rnd):
     family, n, seed, D = case
     perm = np.array(rnd.sample(range(n), n))
@@ -142,7 +142,7 @@ _MONOTONE = {
 
 @pytest.mark.parametrize("fname", list(_MONOTONE))
 @given(case=S.matrices(min_n=2, max_n=30))
-@settings(max_examples=25)
+@settings(max_examples=S.examples(25))
 def test_increasing_map_keeps_edges(backend, fname, case):
     family, n, seed, D = case
     if family == "quantised":
@@ -160,7 +160,7 @@ def test_increasing_map_keeps_edges(backend, fname, case):
 
 
 @given(S.matrices(min_n=2, max_n=40, families=("quantised", "duplicates")))
-@settings(max_examples=30)
+@settings(max_examples=S.examples(30))
 def test_deterministic_under_ties(backend, case):
     family, n, seed, D = case
     T = torch.from_numpy(D)
@@ -234,7 +234,7 @@ def test_negative_rounding_clamped_value_zero_gradient_kept(backend):
 
 
 @given(S.matrices(min_n=1, max_n=25))
-@settings(max_examples=30)
+@settings(max_examples=S.examples(30))
 def test_backward_finite_everywhere(backend, case):
     family, n, seed, D = case
     T = torch.from_numpy(D).float().requires_grad_(True)
@@ -339,7 +339,7 @@ def _dense(acts, kind, backend):
 
 @pytest.mark.parametrize("kind", ["abs", "sqrt"])
 @given(case=S.activations(min_n=1, max_n=20))
-@settings(max_examples=25)
+@settings(max_examples=S.examples(25))
 def test_fused_equals_dense_in_value(backend, kind, case):
     family, seed, A = case
     acts = torch.from_numpy(A)
@@ -402,6 +402,40 @@ def test_fused_duplicates_no_nan_and_zero_deaths(backend):
     t = (1 - res.deaths).sum()
     t.backward()
     assert torch.isfinite(acts.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_neurons_duplicates_give_n_minus_one_zero_deaths(backend, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 1, generator=g, dtype=dtype)
+    scale = torch.linspace(-3, 3, 12, dtype=dtype)
+    scale = scale[scale != 0]
+    acts = (x * scale + torch.arange(scale.numel(), dtype=dtype)).requires_grad_(True)  # all +-affine copies
+    n = acts.shape[1]
+    for res in (correlation_deaths(acts, backend=backend), _dense(acts, "abs", backend)):
+        assert res.deaths.shape == (n - 1,), "zero-length bars are never dropped"
+        assert torch.all(res.deaths == 0), "rounding above |corr| = 1 is clamped to a zero death"
+        assert S.is_spanning_tree(res.edges.numpy(), n)
+
+
+def test_clamped_zero_deaths_keep_their_gradient(backend):
+    """float32 duplicates: |corr| rounds above 1, d is clamped to 0, the gradient must survive."""
+    g = torch.Generator().manual_seed(4)
+    C = torch.rand(6, 6, generator=g) * 0.8 - 0.4
+    C = 0.5 * (C + C.T)
+    C.fill_diagonal_(1.0)
+    over = 1.0 + 2 * torch.finfo(torch.float32).eps  # what rounding gives for duplicate neurons
+    C[0, 1] = C[1, 0] = over
+    C[2, 4] = C[4, 2] = -over
+    C.requires_grad_(True)
+    res = mst_deaths(dissimilarity(C), backend=backend)
+    zero = res.deaths == 0
+    assert int(zero.sum()) == 2
+    res.deaths[zero].sum().backward()
+    for i, j in res.edges[zero].tolist():
+        sign = float(torch.sign(C.detach()[i, j]))
+        assert C.grad[i, j].item() == -0.5 * sign and C.grad[j, i].item() == -0.5 * sign
+    assert float(C.grad.abs().sum()) == 2.0
 
 
 def test_fused_constant_batch(backend):
