@@ -84,6 +84,16 @@ def test_t2_equal_deaths_finite_gradient():
         torch.testing.assert_close(d.grad, torch.full((6,), -0.5 / 6, dtype=dtype), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_t2_half_precision_equal_deaths_finite_gradient(dtype):
+    d = torch.full((4,), 0.3, dtype=dtype, requires_grad=True)
+    out = t2(d)
+    assert out.dtype == torch.float32
+    out.backward()
+    assert torch.isfinite(d.grad.float()).all()
+    torch.testing.assert_close(d.grad.float(), torch.full((4,), -0.125), rtol=0, atol=1e-3)
+
+
 def test_t2_empty_and_single():
     assert t2(torch.zeros(0)).item() == 0.0
     d = torch.tensor([0.4], requires_grad=True)

@@ -46,7 +46,8 @@ def t2(deaths: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
 
     The std's gradient is finite when all deaths are equal (the square root's
     argument is floored at a tiny epsilon, which changes the value by < 1e-6).
-    No deaths (one neuron) give 0.
+    No deaths (one neuron) give 0. Half-precision deaths are evaluated (and
+    returned) in float32.
 
     Examples
     --------
@@ -57,6 +58,10 @@ def t2(deaths: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     _check_deaths(deaths)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if deaths.dtype not in (torch.float32, torch.float64):
+        # half precision: the epsilon below would underflow to 0 and the std's gradient
+        # at equal deaths would become NaN, so the statistics are taken in float32
+        deaths = deaths.float()
     if deaths.numel() == 0:
         return deaths.sum()
     mean = deaths.mean()
