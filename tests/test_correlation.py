@@ -83,6 +83,26 @@ def test_constant_in_float32_rounding_counts_as_dead():
     assert torch.equal(C, torch.eye(3))
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e-12, 1e12, 1e20, 1e30, 1e37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_scales_exact_and_finite(scale, dtype):
+    """Correlation is scale-free: huge or tiny activations must neither overflow nor underflow."""
+    g = torch.Generator().manual_seed(10)
+    base = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    base[:, 4] = 1.0  # a constant neuron stays constant at every scale
+    acts = (base * scale).to(dtype).requires_grad_(True)
+    C = correlation(acts)
+    ref = torch.from_numpy(_numpy_corr(base.numpy())).to(dtype)
+    torch.testing.assert_close(C, ref, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    (dissimilarity(C) ** 2).sum().backward()
+    assert torch.isfinite(acts.grad).all()
+    acts.grad = None
+    from topodecorr import correlation_deaths
+
+    correlation_deaths(acts).deaths.sum().backward()
+    assert torch.isfinite(acts.grad).all()
+
+
 # --------------------------------------------------------------------------- dead neurons, degenerate batches
 
 

@@ -94,10 +94,14 @@ def normalize_activations(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
                 "activations contain NaN or inf; the network diverged or its inputs are not finite "
                 "(check the learning rate and the data) before computing correlations"
             )
+        # Divide each column by its largest |activation| first (a constant, so z is
+        # unchanged in value and gradient): the mean and the squares in the norm then
+        # can neither overflow (float32 activations above ~1e19) nor underflow.
+        scale = x.detach().abs().amax(dim=0)
+        x = x / torch.where(scale > 0, scale, torch.ones_like(scale))
         xc = x - x.mean(dim=0, keepdim=True)
         norm = torch.linalg.vector_norm(xc, dim=0)
-        scale = x.detach().abs().amax(dim=0)
-        tol = _CONSTANT_RTOL_ULPS * torch.finfo(dtype).eps * (x.shape[0] ** 0.5) * scale
+        tol = _CONSTANT_RTOL_ULPS * torch.finfo(dtype).eps * (x.shape[0] ** 0.5)
         dead = (norm.detach() <= tol) | (scale == 0)
         safe = torch.where(dead, torch.ones_like(norm), norm)
         z = torch.where(dead.unsqueeze(0), torch.zeros_like(xc), xc / safe)
