@@ -194,6 +194,14 @@ def test_autocast_bfloat16_gives_float32():
     assert torch.isfinite(acts.grad.float()).all()
 
 
+def test_float64_under_autocast_stays_float64():
+    acts = torch.randn(16, 4, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        C = correlation(acts)
+    assert C.dtype == torch.float64
+    np.testing.assert_allclose(C.numpy(), _numpy_corr(acts.numpy()), rtol=0, atol=1e-12)
+
+
 def test_float16_input_gives_float32():
     acts = torch.randn(32, 4).half()
     assert correlation(acts).dtype == torch.float32
