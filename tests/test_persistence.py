@@ -414,7 +414,9 @@ def test_all_neurons_duplicates_give_n_minus_one_zero_deaths(backend, dtype):
     n = acts.shape[1]
     for res in (correlation_deaths(acts, backend=backend), _dense(acts, "abs", backend)):
         assert res.deaths.shape == (n - 1,), "zero-length bars are never dropped"
-        assert torch.all(res.deaths == 0), "rounding above |corr| = 1 is clamped to a zero death"
+        assert torch.all(res.deaths >= 0), "rounding above |corr| = 1 is clamped, never negative"
+        # ~ zero: |corr| = 1 up to the rounding of the dtype (the exact value depends on BLAS)
+        assert res.deaths.max() <= 8 * torch.finfo(dtype).eps
         assert S.is_spanning_tree(res.edges.numpy(), n)
 
 
