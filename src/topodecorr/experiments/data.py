@@ -79,6 +79,7 @@ __all__ = [
     "DIGITS_TEST_SEED",
     "DataError",
     "DatasetSplits",
+    "RefusedPickle",
     "RestrictedUnpickler",
     "default_data_dir",
     "load_cifar_batch",
@@ -455,12 +456,17 @@ def _numpy_globals() -> dict[tuple[str, str], object]:
     }
 
 
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle asked for a global (or persistent id) that :class:`RestrictedUnpickler` does not allow."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that can build dicts, lists, bytes, numbers and NumPy arrays, and nothing else.
 
     ``find_class`` resolves exactly ``numpy.core.multiarray._reconstruct`` (or its NumPy 2
     name ``numpy._core.multiarray._reconstruct``), ``numpy.ndarray`` and ``numpy.dtype``
-    — what a pickled array needs — and raises :class:`pickle.UnpicklingError` for any
+    — what a pickled array needs — and raises :class:`RefusedPickle` (a
+    :class:`pickle.UnpicklingError`) for any
     other global, so a pickle cannot call ``os.system``, ``eval`` or import anything.
     Persistent ids are refused too.
     """
@@ -472,14 +478,14 @@ class RestrictedUnpickler(pickle.Unpickler):
             RestrictedUnpickler._allowed = _numpy_globals()
         obj = RestrictedUnpickler._allowed.get((module, name))
         if obj is None:
-            raise pickle.UnpicklingError(
+            raise RefusedPickle(
                 f"refusing to load the global {module}.{name}: only NumPy arrays, dicts, lists, bytes and "
                 "numbers are allowed in a CIFAR-10 batch"
             )
         return obj
 
     def persistent_load(self, pid):  # noqa: D102
-        raise pickle.UnpicklingError("refusing a persistent id: not allowed in a CIFAR-10 batch")
+        raise RefusedPickle("refusing a persistent id: not allowed in a CIFAR-10 batch")
 
 
 _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -515,7 +521,7 @@ def load_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: cannot read the file ({exc})") from exc
     try:
         obj = RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
+    except RefusedPickle as exc:
         raise DataError(f"{path}: not a safe CIFAR-10 batch: {exc}") from exc
     except Exception as exc:  # truncated or garbled pickles raise EOFError, ValueError, ...
         raise DataError(f"{path}: corrupt CIFAR-10 batch ({type(exc).__name__}: {exc}); download it again") from exc
