@@ -1,0 +1,8 @@
+"""``python -m topodecorr.experiments ...`` runs the ``topodecorr`` command line."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""The ``topodecorr`` command line: reproduce, sweep, report, train, presets.
+
+Examples::
+
+    topodecorr presets
+    topodecorr reproduce --preset quick                  # -> runs/quick/report.md
+    topodecorr sweep my-sweep.toml --out runs/mine --workers 2
+    topodecorr report runs/mine
+    topodecorr train --dataset digits --network mlp --penalty t1 --weight 0.01 --max-epochs 20
+
+Errors in the input (configuration, data, results folder) print one clear line
+and exit with status 2; an interrupted sweep exits with 130 and resumes when
+the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Sequence
+
+from .config import PENALTIES, ConfigError, TrainConfig, list_presets, parse_sweep, preset_path
+
+__all__ = ["main", "build_parser"]
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _override(data: dict, assignment: str) -> None:
+    """Apply ``KEY=VALUE`` (``train.max_epochs=50``, ``seeds=[0,1]``); VALUE is a TOML value."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. train.max_epochs=50), got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word is taken as a string
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a table")
+    node[parts[-1]] = value
+
+
+def _load_config(source: str, is_preset: bool, sets: Sequence[str], data_dir: str | None):
+    if is_preset:
+        entry = preset_path(source)
+        data = tomllib.loads(entry.read_text(encoding="utf-8"))
+        where = f"preset {source!r}"
+    else:
+        path = Path(source)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read sweep file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text file") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        where = str(path)
+    for assignment in sets:
+        _override(data, assignment)
+    if data_dir is not None:
+        data["data_dir"] = data_dir
+    config = parse_sweep(data, source=where)
+    config.validate_names()
+    return config
+
+
+def _add_sweep_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=0,
+                   help="parallel worker processes; 0 = one per CPU core (torch threads are divided among them)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the dataset files (default: the dataset's usual places)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a configuration value, e.g. --set train.max_epochs=50 --set 'seeds=[0,1]' "
+                        "(repeatable; VALUE is a TOML value)")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the Friedman/Nemenyi tests")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep the last checkpoint of finished runs")
+    p.add_argument("--stale-after", type=float, default=1800.0,
+                   help="seconds without heartbeat after which another host's running run is taken over")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after starting this many runs (partial sweep)")
+    p.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, with the paper's defaults (reused by the DDP entry point)."""
+    g = p.add_argument_group("training protocol (defaults: the paper's)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=f.name)
+        else:
+            typ = {"float": float, "int": int, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            g.add_argument(flag, dest=f.name, type=typ, default=f.default, help=_TRAIN_HELP.get(f.name, f.name))
+
+
+_TRAIN_HELP = {
+    "lr": "SGD learning rate",
+    "momentum": "SGD momentum",
+    "lr_decay": "staircase exponential decay factor of the learning rate",
+    "decay_steps": "optimiser steps between two learning-rate decays",
+    "batch_size": "training batch size (the regulariser sees the same batch)",
+    "patience": "early stopping: epochs without a lower validation loss",
+    "max_epochs": "maximum number of epochs",
+    "sampling": "neuron sampling: all | importance",
+    "fraction": "fraction p of each hidden layer kept by importance sampling",
+    "dissimilarity": "abs (1 - |corr|) | sqrt (sqrt(1 - corr^2))",
+    "t2_alpha": "weight of the std term in T2",
+    "probe_batch": "validation samples of the death-statistics probe",
+    "device": "cpu | cuda | cuda:N | auto",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="topodecorr",
+        description="Reproduce 'Decorrelating neurons using persistence' (Ballester et al., 2024): "
+                    "sweeps of penalties on networks, a results database, statistics and a report.",
+        formatter_class=_Formatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("reproduce", help="run a named preset end to end and write its report",
+                       formatter_class=_Formatter,
+                       description="Run a preset sweep (resuming a previous attempt) and write OUT/report.md.")
+    p.add_argument("--preset", required=True, help="preset name (see `topodecorr presets`)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/PRESET/)")
+    _add_sweep_options(p)
+
+    p = sub.add_parser("sweep", help="run a sweep described by a TOML file", formatter_class=_Formatter,
+                       description="Run (or resume) the sweep in CONFIG into OUT; finished runs are skipped.")
+    p.add_argument("config", help="TOML sweep file")
+    p.add_argument("--out", required=True, help="output folder (results.sqlite, checkpoints/, report.md)")
+    _add_sweep_options(p)
+
+    p = sub.add_parser("report", help="write report.md of a sweep folder", formatter_class=_Formatter,
+                       description="Statistics and figures of the sweep in DIR, written to DIR/report.md.")
+    p.add_argument("dir", help="sweep folder holding results.sqlite")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the Friedman/Nemenyi tests")
+
+    p = sub.add_parser("train", help="train a single run", formatter_class=_Formatter,
+                       description="Train one network with one penalty under the paper's protocol; "
+                                   "print (and optionally save) its result.")
+    p.add_argument("--dataset", default="digits", help="dataset name")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files")
+    p.add_argument("--network", default="mlp", help="model name")
+    p.add_argument("--penalty", default="none", choices=PENALTIES, help="penalty")
+    p.add_argument("--weight", type=float, default=0.0, help="penalty weight lambda (> 0 unless --penalty none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order, dropout")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction of the training set")
+    p.add_argument("--checkpoint", default=None, help="epoch checkpoint file (resumed from when present)")
+    p.add_argument("--output", default=None, help="write the result (JSON) to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_train_options(p)
+
+    sub.add_parser("presets", help="list the shipped presets", formatter_class=_Formatter,
+                   description="List the shipped presets with their descriptions.")
+    return parser
+
+
+def _print_error(msg: str) -> None:
+    print(f"topodecorr: error: {msg}", file=sys.stderr)
+
+
+def _sweep(args, config, out: Path) -> int:
+    from .report import write_report
+    from .sweep import cpu_count, run_sweep
+
+    workers = args.workers if args.workers > 0 else max(1, min(cpu_count(), len(config.grid())))
+    t0 = time.perf_counter()
+    counts = run_sweep(config, out, workers=workers, progress=not args.quiet, stale_after=args.stale_after,
+                       keep_checkpoints=args.keep_checkpoints, max_runs=args.max_runs)
+    elapsed = time.perf_counter() - t0
+    print(f"runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + f" ({elapsed:.1f} s, {workers} worker(s))")
+    if not args.no_report:
+        path, table = write_report(out, alpha=args.alpha)
+        print(table)
+        print(f"report: {path}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .sweep import execute_run
+    from .train import RunSpec
+
+    train_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    spec = RunSpec(
+        dataset=args.dataset, network=args.network, model=args.network, penalty=args.penalty,
+        weight=float(args.weight), seed=args.seed, train=TrainConfig(**train_kwargs), data_dir=args.data_dir,
+        split_seed=args.split_seed, val_fraction=args.val_fraction,
+    )
+    from .config import SweepConfig, NetworkSpec
+
+    SweepConfig(dataset=spec.dataset, networks=(NetworkSpec(spec.network, spec.model),)).validate_names()
+    ckpt_dir = None
+    if args.checkpoint:
+        # execute_run names the file itself; train_run takes the exact path
+        from .train import train_run
+
+        result = train_run(spec, args.checkpoint, progress=not args.quiet)
+    else:
+        result = execute_run(spec, ckpt_dir, progress=not args.quiet)
+    shown = {k: result.get(k) for k in ("status", "epochs", "best_epoch", "train_loss", "val_loss", "val_acc",
+                                         "test_loss", "test_acc", "wall_s", "error")}
+    print(json.dumps(shown, indent=2))
+    if args.output:
+        payload = {k: v for k, v in result.items() if k not in ("deaths", "correlation")}
+        payload["spec"] = spec.to_dict()
+        if result.get("deaths") is not None:
+            payload["deaths"] = [float(x) for x in result["deaths"]]
+        Path(args.output).write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    return 0 if result["status"] == "done" else 1
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the kill test in a subprocess
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``topodecorr`` script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .store import StoreError
+
+    try:
+        from .data import DataError
+    except ImportError:  # pragma: no cover
+        DataError = ConfigError  # type: ignore[misc,assignment]
+    if argv is None:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if args.command == "presets":
+            for name, desc in list_presets().items():
+                print(f"{name:22s} {desc}")
+            return 0
+        if args.command == "report":
+            from .report import write_report
+
+            path, table = write_report(Path(args.dir), alpha=args.alpha)
+            print(table)
+            print(f"report: {path}")
+            return 0
+        if args.command == "train":
+            return _cmd_train(args)
+        if args.command == "reproduce":
+            config = _load_config(args.preset, True, args.sets, args.data_dir)
+            out = Path(args.out) if args.out else Path("runs") / args.preset
+            return _sweep(args, config, out)
+        if args.command == "sweep":
+            config = _load_config(args.config, False, args.sets, args.data_dir)
+            return _sweep(args, config, Path(args.out))
+    except (ConfigError, StoreError, DataError) as exc:
+        _print_error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _print_error("interrupted; run the same command again to resume (finished runs are kept)")
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+

@@ -1,0 +1,488 @@
+"""Configuration of the reproduction: the paper's protocol as frozen dataclasses.
+
+Every number of the protocol lives in :class:`TrainConfig` with the paper's
+default (Ballester, Casacuberta, Escalera, "Decorrelating neurons using
+persistence", PMLR 228, 2024, Sec. 5 and the published configuration files).
+A sweep is the grid ``networks x penalties x weights x seeds`` described by
+:class:`SweepConfig`; sweeps are written as TOML files (parsed with
+:mod:`tomllib`, never evaluated) or taken from the named presets shipped in
+``topodecorr/experiments/presets/``.
+
+The learning rate follows the paper's staircase exponential decay::
+
+    lr(it) = lr * lr_decay ** floor(it / decay_steps)
+
+where ``it`` counts optimiser steps (batches) from the start of training.
+
+A sweep file looks like this (every key optional except ``dataset``)::
+
+    name = "my-sweep"
+    dataset = "digits"
+    networks = ["mlp", "mlp-deep", { label = "vgg-small", model = "vgg", params = { depth = 2 } }]
+    penalties = ["none", "l2", "t1"]
+    weights = [1e-3, 1e-1]
+    seeds = [0, 1, 2]
+    [train]
+    max_epochs = 50
+    patience = 5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "ConfigError",
+    "PENALTIES",
+    "DECORRELATION_PENALTIES",
+    "PAPER_WEIGHTS",
+    "NetworkSpec",
+    "TrainConfig",
+    "SweepConfig",
+    "parse_sweep",
+    "load_sweep",
+    "list_presets",
+    "preset_path",
+    "load_preset",
+]
+
+
+class ConfigError(ValueError):
+    """A sweep or training configuration is invalid (the message says which key and why)."""
+
+
+#: Penalties compared in a sweep. ``none`` is the unregularised baseline (one run,
+#: weight 0); ``l1``/``l2`` act on all trainable parameters; the others act on the
+#: activations of the training batch through :class:`topodecorr.Decorrelation`.
+PENALTIES: tuple[str, ...] = ("none", "l1", "l2", "mean_abs_corr", "decov", "t1", "t2")
+
+#: Penalties computed from the captured activations (the rest act on weights).
+DECORRELATION_PENALTIES: tuple[str, ...] = ("mean_abs_corr", "decov", "t1", "t2")
+
+#: The paper's regulariser-weight grid lambda.
+PAPER_WEIGHTS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 5.0, 10.0, 100.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training protocol; defaults are the paper's.
+
+    Attributes
+    ----------
+    lr : float
+        SGD learning rate (paper: 0.01).
+    momentum : float
+        SGD momentum (paper: 0.9).
+    nesterov : bool
+        Nesterov momentum (paper: yes).
+    lr_decay : float
+        Staircase exponential decay factor of the learning rate (paper: 0.95).
+    decay_steps : int
+        Optimiser steps between two decays (paper: 3520, i.e. about 18.7 epochs
+        of 188 batches on the 48k MNIST training split).
+    batch_size : int
+        Training batch size; also the batch the regulariser sees (paper: 256).
+    patience : int
+        Early stopping: epochs without a lower validation loss before stopping
+        (paper: 20). The weights of the best epoch are restored.
+    max_epochs : int
+        Hard limit on epochs (paper: 1200).
+    sampling : str
+        Neuron sampling of the decorrelation penalties: ``"all"`` or the paper's
+        ``"importance"`` (keep the top ``fraction`` of each hidden layer by mean
+        |activation|; the output layer is always kept).
+    fraction : float
+        Fraction ``p`` for importance sampling (paper: 1.0 for the MLPs, 0.005 for
+        the CIFAR-10 CNNs).
+    dissimilarity : str
+        ``"abs"`` (1 - |corr|, the paper's) or ``"sqrt"`` (sqrt(1 - corr^2)).
+    t2_alpha : float
+        Weight of the std term in T2 (paper: 0.5).
+    probe_batch : int
+        Validation samples used, after every epoch and at the end, to measure the
+        MST deaths of the network (the same for every penalty, so comparable).
+    device : str
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (``"auto"``: CUDA when available).
+    """
+
+    lr: float = 0.01  # paper: SGD learning rate 0.01
+    momentum: float = 0.9  # paper: momentum 0.9
+    nesterov: bool = True  # paper: Nesterov momentum
+    lr_decay: float = 0.95  # paper: staircase exponential decay 0.95 ...
+    decay_steps: int = 3520  # ... every 3520 optimiser steps
+    batch_size: int = 256  # paper: batch 256 (the regulariser sees the same batch)
+    patience: int = 20  # paper: early stopping on validation loss, patience 20
+    max_epochs: int = 1200  # paper: at most 1200 epochs
+    sampling: str = "all"  # paper: all neurons for the MLPs ("importance" for CNNs)
+    fraction: float = 1.0  # paper: p = 1.0 (MLPs), p = 0.005 (CIFAR-10 CNNs)
+    dissimilarity: str = "abs"  # paper: d = 1 - |corr|
+    t2_alpha: float = 0.5  # paper: T2 = 0.5 std - 0.5 mean
+    probe_batch: int = 256  # ours: validation samples for the death statistics
+    device: str = "cpu"  # ours: where to train ("auto" = CUDA when available)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"train.{key}: {why}")
+
+        for key in ("lr", "momentum", "lr_decay", "fraction", "t2_alpha"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(key, f"must be a finite number, got {value!r}")
+        for key in ("decay_steps", "batch_size", "patience", "max_epochs", "probe_batch"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad(key, f"must be an integer, got {value!r}")
+        if not isinstance(self.nesterov, bool):
+            raise bad("nesterov", f"must be true or false, got {self.nesterov!r}")
+        if self.lr <= 0:
+            raise bad("lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise bad("momentum", f"must lie in [0, 1), got {self.momentum}")
+        if self.nesterov and self.momentum == 0:
+            raise bad("nesterov", "Nesterov momentum needs momentum > 0")
+        if not 0 < self.lr_decay <= 1:
+            raise bad("lr_decay", f"must lie in (0, 1], got {self.lr_decay}")
+        if self.decay_steps < 1:
+            raise bad("decay_steps", f"must be >= 1, got {self.decay_steps}")
+        if self.batch_size < 2:
+            raise bad("batch_size", f"must be >= 2 (correlations need two samples), got {self.batch_size}")
+        if self.patience < 1:
+            raise bad("patience", f"must be >= 1, got {self.patience}")
+        if self.max_epochs < 1:
+            raise bad("max_epochs", f"must be >= 1, got {self.max_epochs}")
+        if self.probe_batch < 2:
+            raise bad("probe_batch", f"must be >= 2, got {self.probe_batch}")
+        if self.sampling not in ("all", "importance"):
+            raise bad("sampling", f"must be 'all' or 'importance', got {self.sampling!r}")
+        if not 0 < self.fraction <= 1:
+            raise bad("fraction", f"must lie in (0, 1], got {self.fraction}")
+        if self.dissimilarity not in ("abs", "sqrt"):
+            raise bad("dissimilarity", f"must be 'abs' or 'sqrt', got {self.dissimilarity!r}")
+        if not 0 <= self.t2_alpha <= 1:
+            raise bad("t2_alpha", f"must lie in [0, 1], got {self.t2_alpha}")
+        if not isinstance(self.device, str) or not (
+            self.device in ("cpu", "auto", "cuda", "mps") or self.device.startswith("cuda:")
+        ):
+            raise bad("device", f"must be 'cpu', 'auto', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "train") -> "TrainConfig":
+        """Build from a mapping, rejecting unknown keys; ints are accepted for floats."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        values = {}
+        for key, value in data.items():
+            default = known[key].default
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            values[key] = value
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """One network of a sweep: a unique ``label``, a model name of
+    :data:`topodecorr.experiments.models.MODELS` and keyword parameters for it."""
+
+    label: str
+    model: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "model": self.model, "params": dict(self.params)}
+
+
+def _network_from(item: Any, index: int) -> NetworkSpec:
+    where = f"networks[{index}]"
+    if isinstance(item, str):
+        return NetworkSpec(label=item, model=item)
+    if not isinstance(item, Mapping):
+        raise ConfigError(f"{where}: expected a model name or a table, got {item!r}")
+    unknown = sorted(set(item) - {"label", "model", "params"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: ['label', 'model', 'params']")
+    if "model" not in item:
+        raise ConfigError(f"{where}: a network table needs a 'model' key")
+    model = item["model"]
+    label = item.get("label", model)
+    params = item.get("params", {})
+    if not isinstance(model, str) or not isinstance(label, str) or not label:
+        raise ConfigError(f"{where}: 'model' and 'label' must be non-empty strings")
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{where}.params: expected a table, got {params!r}")
+    frozen = tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
+    return NetworkSpec(label=label, model=model, params=frozen)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A sweep: ``networks x penalties x weights x seeds`` on one dataset.
+
+    The ``none`` penalty runs once per (network, seed) with weight 0, whatever
+    ``weights`` says; every other penalty runs once per weight.
+
+    Attributes
+    ----------
+    name : str
+        Name of the sweep (used in the report).
+    dataset : str
+        A name of :data:`topodecorr.experiments.data.DATASETS`.
+    networks : tuple of NetworkSpec
+        The networks (paper: the three MNIST MLPs; eight CIFAR-10 CNNs).
+    penalties : tuple of str
+        A subset of :data:`PENALTIES`.
+    weights : tuple of float
+        The penalty weights lambda (paper: :data:`PAPER_WEIGHTS`).
+    seeds : tuple of int
+        Seeds of the weight initialisation, batch order and dropout.
+    train : TrainConfig
+        The training protocol.
+    data_dir : str or None
+        Where the dataset files are (None: the dataset's default places).
+    split_seed : int
+        Seed of the train/validation split (fixed across runs so all see the same data).
+    val_fraction : float
+        Fraction of the training set held out for validation (paper: 0.2).
+    description : str
+        Free text shown in the report.
+    """
+
+    dataset: str
+    name: str = "sweep"
+    networks: tuple[NetworkSpec, ...] = (
+        NetworkSpec("mlp", "mlp"),
+        NetworkSpec("mlp-dropout", "mlp-dropout"),
+        NetworkSpec("mlp-deep", "mlp-deep"),
+    )
+    penalties: tuple[str, ...] = PENALTIES
+    weights: tuple[float, ...] = PAPER_WEIGHTS
+    seeds: tuple[int, ...] = (0,)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data_dir: str | None = None
+    split_seed: int = 0  # one split for the whole sweep
+    val_fraction: float = 0.2  # paper: 80/20 train/validation split
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError("name: must be a non-empty string")
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ConfigError("dataset: must be a dataset name, e.g. 'digits'")
+        if not self.networks:
+            raise ConfigError("networks: the sweep needs at least one network")
+        labels = [n.label for n in self.networks]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ConfigError(f"networks: duplicate label(s) {dupes}; give each network a unique 'label'")
+        if not self.penalties:
+            raise ConfigError("penalties: the sweep needs at least one penalty")
+        for p in self.penalties:
+            if p not in PENALTIES:
+                raise ConfigError(f"penalties: unknown penalty {p!r}; choose from {list(PENALTIES)}")
+        if len(set(self.penalties)) != len(self.penalties):
+            raise ConfigError(f"penalties: duplicates in {list(self.penalties)}")
+        if any(p != "none" for p in self.penalties) and not self.weights:
+            raise ConfigError("weights: at least one weight is needed for penalties other than 'none'")
+        for w in self.weights:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ConfigError(f"weights: {w!r} is not a finite number")
+            if w <= 0:
+                raise ConfigError(f"weights: every weight must be > 0 (got {w}); the 'none' penalty is the unregularised run")
+        if len(set(self.weights)) != len(self.weights):
+            raise ConfigError(f"weights: duplicates in {list(self.weights)}")
+        if not self.seeds:
+            raise ConfigError("seeds: at least one seed is needed")
+        for s in self.seeds:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                raise ConfigError(f"seeds: every seed must be a non-negative integer, got {s!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: duplicates in {list(self.seeds)}")
+        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int) or self.split_seed < 0:
+            raise ConfigError(f"split_seed: must be a non-negative integer, got {self.split_seed!r}")
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction: must lie in (0, 1), got {self.val_fraction!r}")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise ConfigError(f"data_dir: must be a path string, got {self.data_dir!r}")
+
+    def validate_names(self) -> None:
+        """Check dataset and model names against the experiment registries.
+
+        Kept apart from ``__post_init__`` so that parsing a file does not import torch.
+        """
+        from .data import DATASETS
+        from .models import MODELS, model_defaults
+
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"dataset: unknown dataset {self.dataset!r}; choose from {sorted(DATASETS)}")
+        for net in self.networks:
+            if net.model not in MODELS:
+                raise ConfigError(
+                    f"networks: unknown network {net.model!r} (label {net.label!r}); choose from {sorted(MODELS)}"
+                )
+            accepted = model_defaults(net.model)
+            unknown = sorted(set(net.kwargs) - set(accepted))
+            if unknown:
+                raise ConfigError(
+                    f"networks: {net.label!r}: unknown parameter(s) {unknown} for model {net.model!r}; "
+                    f"accepted: {sorted(accepted)}"
+                )
+
+    def grid(self) -> list[tuple[str, str, float, int]]:
+        """The runs as ``(network label, penalty, weight, seed)``, in a fixed order.
+
+        Seeds vary slowest so that a partial sweep already holds complete blocks.
+        """
+        runs = []
+        for seed in self.seeds:
+            for net in self.networks:
+                for penalty in self.penalties:
+                    for weight in (0.0,) if penalty == "none" else self.weights:
+                        runs.append((net.label, penalty, float(weight), seed))
+        return runs
+
+    def network(self, label: str) -> NetworkSpec:
+        for net in self.networks:
+            if net.label == label:
+                return net
+        raise KeyError(label)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "dataset": self.dataset,
+            "data_dir": self.data_dir,
+            "split_seed": self.split_seed,
+            "val_fraction": self.val_fraction,
+            "networks": [n.to_dict() for n in self.networks],
+            "penalties": list(self.penalties),
+            "weights": [float(w) for w in self.weights],
+            "seeds": list(self.seeds),
+            "train": self.train.to_dict(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def protocol_dict(self) -> dict[str, Any]:
+        """The parts that must not change between two invocations of one sweep
+        (the grid itself may grow)."""
+        d = self.to_dict()
+        for key in ("name", "description", "penalties", "weights", "seeds", "data_dir"):
+            d.pop(key)
+        return d
+
+    def replace(self, **changes: Any) -> "SweepConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_SWEEP_KEYS = (
+    "name", "description", "dataset", "data_dir", "split_seed", "val_fraction",
+    "networks", "penalties", "weights", "seeds", "train",
+)
+
+
+def parse_sweep(data: Mapping[str, Any], source: str = "<config>") -> SweepConfig:
+    """Build a :class:`SweepConfig` from parsed TOML (or JSON), rejecting unknown keys.
+
+    Examples
+    --------
+    >>> cfg = parse_sweep({"dataset": "digits", "networks": ["mlp"], "penalties": ["none", "t1"],
+    ...                    "weights": [0.1, 1], "seeds": [0, 1], "train": {"max_epochs": 3}})
+    >>> len(cfg.grid()), cfg.train.max_epochs, cfg.train.lr
+    (6, 3, 0.01)
+    """
+    try:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"expected a table at the top level, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(_SWEEP_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown}; known keys: {sorted(_SWEEP_KEYS)}")
+        if "dataset" not in data:
+            raise ConfigError("missing key 'dataset' (e.g. dataset = \"digits\")")
+        kwargs: dict[str, Any] = {}
+        for key in ("name", "description", "dataset", "data_dir", "split_seed", "val_fraction"):
+            if key in data:
+                kwargs[key] = data[key]
+        for key in ("penalties", "weights", "seeds", "networks"):
+            if key in data and not isinstance(data[key], list):
+                raise ConfigError(f"{key}: expected a list, got {data[key]!r}")
+        if "networks" in data:
+            kwargs["networks"] = tuple(_network_from(item, i) for i, item in enumerate(data["networks"]))
+        if "penalties" in data:
+            kwargs["penalties"] = tuple(data["penalties"])
+        if "weights" in data:
+            kwargs["weights"] = tuple(
+                float(w) if isinstance(w, int) and not isinstance(w, bool) else w for w in data["weights"]
+            )
+        if "seeds" in data:
+            kwargs["seeds"] = tuple(data["seeds"])
+        if "train" in data:
+            kwargs["train"] = TrainConfig.from_dict(data["train"])
+        return SweepConfig(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except TypeError as exc:  # wrong value types deep inside
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """Read and validate a TOML sweep file (parsed with :mod:`tomllib`, never evaluated)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read sweep file {path}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_sweep(data, source=str(path))
+
+
+def _presets_dir():
+    return resources.files("topodecorr.experiments") / "presets"
+
+
+def list_presets() -> dict[str, str]:
+    """Names of the shipped presets mapped to their one-line descriptions."""
+    out = {}
+    for entry in sorted(_presets_dir().iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            data = tomllib.loads(entry.read_text(encoding="utf-8"))
+            lines = str(data.get("description", "")).strip().splitlines()
+            out[entry.name[:-5]] = lines[0] if lines else ""
+    return out
+
+
+def preset_path(name: str):
+    """The TOML file of a shipped preset (a :mod:`importlib.resources` traversable)."""
+    entry = _presets_dir() / f"{name}.toml"
+    if not entry.is_file():
+        raise ConfigError(f"unknown preset {name!r}; available presets: {sorted(list_presets())}")
+    return entry
+
+
+def load_preset(name: str) -> SweepConfig:
+    """Load a shipped preset by name (see ``topodecorr presets``)."""
+    entry = preset_path(name)
+    data = tomllib.loads(entry.read_text(encoding="utf-8"))
+    return parse_sweep(data, source=f"preset {name!r}")

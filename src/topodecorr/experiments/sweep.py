@@ -1,0 +1,346 @@
+"""Running a sweep: claim runs from the database, execute them, store the results.
+
+The driver (:func:`run_sweep`) is the single writer of the results database in
+the local executor: it claims a ``pending`` run atomically, hands its
+:class:`~topodecorr.experiments.train.RunSpec` (as a plain dict) to an
+executor, and writes the returned result. Workers only compute.
+
+:func:`execute_run` is the one picklable entry point a worker calls -- a
+process of the local pool today, a Ray task later -- and needs only the spec
+and a checkpoint folder (shared storage when workers live on other hosts).
+
+Executors implement the small :class:`Executor` protocol: ``capacity`` (how
+many runs may be in flight), ``submit(spec_dict, checkpoint_dir) -> Future``
+and ``shutdown(cancel)``. :class:`InlineExecutor` runs in the driver's process
+(``--workers 1``); :class:`LocalExecutor` runs ``N`` spawned processes with
+``torch.set_num_threads(max(1, cpus // N))`` each.
+
+Interruption: a killed sweep loses at most the epochs in flight. Every run
+checkpoints after each epoch; on restart :meth:`ResultStore.reclaim_stale`
+returns the dead owner's ``running`` rows to ``pending`` and the runs resume
+from their checkpoints. Finished runs (``done``, ``diverged``) are skipped;
+``failed`` runs are retried.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Callable, Protocol
+
+from .config import SweepConfig
+from .store import FINISHED, ResultStore
+from .train import RunSpec, _cached_dataset, software_versions, train_run
+
+__all__ = [
+    "DB_NAME",
+    "Executor",
+    "InlineExecutor",
+    "LocalExecutor",
+    "execute_run",
+    "checkpoint_name",
+    "run_specs",
+    "run_sweep",
+    "cpu_count",
+]
+
+#: File name of the results database inside a sweep folder.
+DB_NAME = "results.sqlite"
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (affinity-aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def checkpoint_name(spec: RunSpec) -> str:
+    """A stable, file-system-safe checkpoint name for a run's key."""
+    raw = f"{spec.network}__{spec.penalty}__{spec.weight!r}__s{spec.seed}"
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", raw) + ".pt"
+
+
+def execute_run(
+    spec: RunSpec | dict,
+    checkpoint_dir: str | os.PathLike | None = None,
+    *,
+    progress: bool = False,
+    parent_pid: int | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train one run and return its result dict (see :func:`~topodecorr.experiments.train.train_run`).
+
+    A pure, picklable entry point for any executor (process pool, Ray): it reads
+    the data itself (cached per process), resumes from
+    ``checkpoint_dir/<checkpoint_name>`` when present and never touches the
+    results database. With ``parent_pid`` the worker exits as soon as that
+    process has gone (an orphan of a killed sweep must not keep training).
+    """
+    if isinstance(spec, dict):
+        spec = RunSpec.from_dict(spec)
+    ckpt = None if checkpoint_dir is None else Path(checkpoint_dir) / checkpoint_name(spec)
+
+    def epoch_hook(record: dict) -> None:
+        if parent_pid is not None and os.getppid() != parent_pid:
+            os._exit(3)  # the sweep driver died; its restart resumes from our checkpoint
+        if on_epoch is not None:
+            on_epoch(record)
+
+    return train_run(spec, ckpt, progress=progress, on_epoch=epoch_hook)
+
+
+class Executor(Protocol):
+    """Where runs execute. ``submit`` returns a Future whose result is
+    :func:`execute_run`'s dict; at most ``capacity`` runs are in flight."""
+
+    capacity: int
+
+    def submit(self, spec: dict, checkpoint_dir: str) -> Future: ...
+
+    def shutdown(self, cancel: bool = False) -> None: ...
+
+
+class InlineExecutor:
+    """Runs each run synchronously in the calling process (one worker).
+
+    ``on_epoch`` (set by the driver) is called after every epoch, e.g. for heartbeats.
+    """
+
+    capacity = 1
+
+    def __init__(self, progress: bool = False) -> None:
+        self.progress = progress
+        self.on_epoch: Callable[[dict], None] | None = None
+
+    def submit(self, spec: dict, checkpoint_dir: str) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(execute_run(spec, checkpoint_dir, progress=self.progress, on_epoch=self.on_epoch))
+        except Exception as exc:  # reported as a failed run by the driver
+            fut.set_exception(exc)
+        return fut
+
+    def shutdown(self, cancel: bool = False) -> None:
+        pass
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    # the driver handles Ctrl-C; workers ignore it and are shut down by the driver
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class LocalExecutor:
+    """``workers`` spawned processes on this machine, torch threads divided among them.
+
+    Parameters
+    ----------
+    workers : int
+        Number of processes (and runs in flight).
+    threads : int, optional
+        Torch threads per worker (default ``max(1, cpu_count() // workers)``).
+    """
+
+    def __init__(self, workers: int, threads: int | None = None) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.capacity = workers
+        self.threads = threads if threads is not None else max(1, cpu_count() // workers)
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(self.threads,),
+        )
+
+    def submit(self, spec: dict, checkpoint_dir: str) -> Future:
+        return self._pool.submit(execute_run, spec, checkpoint_dir, parent_pid=os.getpid())
+
+    def shutdown(self, cancel: bool = False) -> None:
+        if cancel:
+            # terminate workers now: their runs restart from the last checkpoint
+            for proc in list(getattr(self._pool, "_processes", {}).values()):
+                proc.terminate()
+        self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+
+
+def run_specs(config: SweepConfig) -> list[RunSpec]:
+    """The sweep's runs as specs, in grid order.
+
+    A small correlation matrix is kept for the first seed of the first network
+    (one network per penalty and weight), for the report's heat maps.
+    """
+    first_net, first_seed = config.networks[0].label, config.seeds[0]
+    specs = []
+    for network, penalty, weight, seed in config.grid():
+        net = config.network(network)
+        specs.append(
+            RunSpec(
+                dataset=config.dataset,
+                network=network,
+                model=net.model,
+                model_params=net.params,
+                penalty=penalty,
+                weight=weight,
+                seed=seed,
+                train=config.train,
+                data_dir=config.data_dir,
+                split_seed=config.split_seed,
+                val_fraction=float(config.val_fraction),
+                keep_correlation=(network == first_net and seed == first_seed),
+            )
+        )
+    return specs
+
+
+def _failure(exc: BaseException) -> dict:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {"status": "failed", "error": f"{type(exc).__name__}: {exc}\n{text[-4000:]}", "versions": software_versions()}
+
+
+def run_sweep(
+    config: SweepConfig,
+    out_dir: str | os.PathLike,
+    *,
+    workers: int = 1,
+    executor: Executor | None = None,
+    progress: bool = True,
+    stale_after: float = 1800.0,
+    heartbeat_s: float = 30.0,
+    keep_checkpoints: bool = False,
+    max_runs: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, int]:
+    """Run (or resume) a sweep into ``out_dir``; return the run counts by status.
+
+    Parameters
+    ----------
+    config : SweepConfig
+    out_dir : path
+        The sweep folder: ``results.sqlite``, ``checkpoints/``, ``sweep.json``.
+    workers : int
+        Parallel worker processes (1: in this process). Ignored with ``executor``.
+    executor : Executor, optional
+        Where runs execute (default: inline for 1 worker, else :class:`LocalExecutor`).
+    progress : bool
+        Show progress bars (hidden anyway when stderr is not a terminal).
+    stale_after : float
+        Seconds without heartbeat after which another host's ``running`` row is reclaimed.
+    heartbeat_s : float
+        How often the driver refreshes the heartbeat of its runs in flight.
+    keep_checkpoints : bool
+        Keep the final checkpoint of each finished run (default: deleted).
+    max_runs : int, optional
+        Stop after claiming this many runs (for tests and partial sweeps).
+    log : callable, optional
+        Receives one-line messages (default: print to stderr).
+    """
+    if log is None:
+        def log(msg: str) -> None:
+            print(msg, file=sys.stderr, flush=True)
+
+    config.validate_names()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    # fail fast (clear error, nothing written to the runs) when the data cannot be read
+    data = _cached_dataset(config.dataset, config.data_dir, config.split_seed, float(config.val_fraction))
+    store = ResultStore(out / DB_NAME)
+    try:
+        specs = run_specs(config)
+        added = store.init_sweep(config, [(s.key, s.to_dict()) for s in specs], software_versions())
+        store.set_meta("data", json.dumps({"source": str(data.source), "sizes": dict(data.sizes),
+                                           "input_shape": list(data.input_shape), "num_classes": data.num_classes}))
+        (out / "sweep.json").write_text(json.dumps(store.sweep_config(), indent=2, sort_keys=True) + "\n")
+        reclaimed = store.reclaim_stale(stale_after)
+        retried = store.reset_failed()
+        counts = store.counts()
+        total = sum(counts.values())
+        finished = sum(counts[s] for s in FINISHED)
+        log(
+            f"sweep {config.name!r}: {total} runs, {finished} finished, {added} new"
+            + (f", {reclaimed} reclaimed from a dead worker" if reclaimed else "")
+            + (f", {retried} failed runs retried" if retried else "")
+            + f" -> {out / DB_NAME}"
+        )
+        if executor is None:
+            executor = InlineExecutor(progress=progress) if workers == 1 else LocalExecutor(workers)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=finished, desc="runs", unit="run", disable=None, dynamic_ncols=True)
+        in_flight: dict[Future, int] = {}
+        claimed = 0
+        try:
+            while True:
+                while len(in_flight) < executor.capacity and (max_runs is None or claimed < max_runs):
+                    row = store.claim()
+                    if row is None:
+                        break
+                    claimed += 1
+                    if hasattr(executor, "on_epoch"):
+                        executor.on_epoch = _heartbeat_hook(store, row["id"], heartbeat_s)
+                    fut = executor.submit(json.loads(row["config"]), str(ckpt_dir))
+                    in_flight[fut] = row["id"]
+                if not in_flight:
+                    break
+                done, _ = wait(list(in_flight), timeout=heartbeat_s, return_when=FIRST_COMPLETED)
+                store.heartbeat(in_flight.values())
+                for fut in done:
+                    run_id = in_flight.pop(fut)
+                    try:
+                        result = fut.result()
+                    except Exception as exc:
+                        result = _failure(exc)
+                    store.finish(run_id, result)
+                    row = store.conn.execute("SELECT config FROM runs WHERE id=?", (run_id,)).fetchone()
+                    spec = RunSpec.from_dict(json.loads(row[0]))
+                    if result["status"] in FINISHED and not keep_checkpoints:
+                        (ckpt_dir / checkpoint_name(spec)).unlink(missing_ok=True)
+                    if result["status"] == "failed":
+                        log(f"run {spec.key} failed: {result['error'].splitlines()[0]}")
+                    if bar is not None:
+                        bar.update(1)
+                        acc = result.get("test_acc")
+                        bar.set_postfix_str(
+                            f"{spec.network} {spec.penalty} {spec.weight:g} s{spec.seed}: {result['status']}"
+                            + (f" test {acc:.3f}" if acc is not None else ""),
+                            refresh=False,
+                        )
+        except BaseException:
+            # interrupted (Ctrl-C, SIGTERM): hand our runs back; their checkpoints stay
+            store.release(in_flight.values())
+            executor.shutdown(cancel=True)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        executor.shutdown()
+        return store.counts()
+    finally:
+        store.close()
+
+
+def _heartbeat_hook(store: ResultStore, run_id: int, every: float) -> Callable[[dict], None]:
+    last = [time.monotonic()]
+
+    def hook(_record: dict) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every:
+            store.heartbeat([run_id])
+            last[0] = now
+
+    return hook

@@ -1,0 +1,532 @@
+"""One training run under the paper's protocol.
+
+Protocol (defaults in :class:`~topodecorr.experiments.config.TrainConfig`):
+SGD with Nesterov momentum, staircase exponential learning-rate decay
+``lr * lr_decay ** floor(step / decay_steps)``, mini-batches of ``batch_size``
+reshuffled every epoch, cross-entropy task loss plus ``weight * penalty`` on
+*every* batch, early stopping on the validation loss with ``patience`` epochs
+and the best epoch's weights restored, at most ``max_epochs`` epochs.
+
+The decorrelation penalties (T1, T2, mean |corr|, DeCov) read the activations
+of the training forward pass itself through :class:`topodecorr.Decorrelation`
+hooks (no second forward pass); L1 and L2 act on all trainable parameters.
+
+A non-finite loss (task or penalty, or a non-finite output) ends the run with
+status ``diverged``; the paper drops such runs and so do the statistics, but
+they stay in the results. After every epoch a checkpoint (model, optimiser,
+scheduler, random-number states, early-stopping state, curves) is written
+atomically with :func:`torch.save`; it is read back with
+``torch.load(..., weights_only=True)``, so a checkpoint cannot run code, and
+a killed run resumes at its last finished epoch with the same result as an
+uninterrupted one (on the same machine and thread count).
+
+Death statistics: after every epoch the network (eval mode) is run on a fixed
+probe of ``probe_batch`` validation samples; the outputs of its activation
+modules (hidden neurons after the nonlinearity, importance-sampled like the
+regulariser) and its logits are pooled and the MST deaths of
+``1 - |corr|`` computed with :func:`topodecorr.correlation_deaths`. The same
+probe, for every penalty, gives the end-of-training death histograms.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import topodecorr
+
+from .config import DECORRELATION_PENALTIES, PENALTIES, ConfigError, TrainConfig
+
+__all__ = ["RunSpec", "train_run", "software_versions", "load_checkpoint", "resolve_device", "probe_deaths"]
+
+#: Largest correlation matrix kept for heat maps (neurons); float16 storage.
+CORR_MAX_NEURONS = 192
+
+_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Mish)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one run needs; picklable and JSON-serialisable (for workers, Ray, the database).
+
+    Attributes
+    ----------
+    dataset, data_dir, split_seed, val_fraction :
+        The data (see :func:`topodecorr.experiments.data.load_dataset`).
+    network : str
+        The network's label in the sweep.
+    model : str
+        A name of :data:`topodecorr.experiments.models.MODELS`.
+    model_params : tuple of (str, value)
+        Keyword arguments of the model builder.
+    penalty : str
+        One of :data:`topodecorr.experiments.config.PENALTIES`.
+    weight : float
+        Penalty weight lambda (0 for ``none``).
+    seed : int
+        Seeds initialisation, batch order and dropout.
+    train : TrainConfig
+    keep_correlation : bool
+        Also return a small correlation matrix of the final network (for heat maps).
+    """
+
+    dataset: str
+    network: str
+    model: str
+    penalty: str
+    weight: float
+    seed: int
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    model_params: tuple = ()
+    data_dir: str | None = None
+    split_seed: int = 0
+    val_fraction: float = 0.2
+    keep_correlation: bool = False
+
+    def __post_init__(self) -> None:
+        if self.penalty not in PENALTIES:
+            raise ConfigError(f"penalty: unknown penalty {self.penalty!r}; choose from {list(PENALTIES)}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
+            raise ConfigError(f"weight: must be a finite number, got {self.weight!r}")
+        if self.weight < 0:
+            raise ConfigError(f"weight: must be >= 0, got {self.weight}")
+        if self.penalty != "none" and self.weight == 0:
+            raise ConfigError(f"weight: penalty {self.penalty!r} needs a weight > 0 (use penalty 'none' for no penalty)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed: must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def key(self) -> tuple[str, str, float, int]:
+        return (self.network, self.penalty, float(self.weight), self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["train"] = self.train.to_dict()
+        d["model_params"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.model_params}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
+        d = dict(d)
+        d["train"] = TrainConfig.from_dict(d.get("train", {}))
+        params = d.get("model_params", {}) or {}
+        if isinstance(params, dict):
+            params = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
+        d["model_params"] = tuple(tuple(p) for p in params)
+        return cls(**d)
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python, the platform and the packages a result depends on."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform(), "topodecorr": topodecorr.__version__}
+    for name in ("torch", "numpy", "numba", "scipy", "scikit-learn", "scikit-posthocs", "matplotlib", "mnist1d"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    out["torch_threads"] = str(torch.get_num_threads())
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` becomes CUDA when available, else CPU; a missing CUDA raises a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use device = \"cpu\"")
+    return dev
+
+
+@lru_cache(maxsize=4)
+def _cached_dataset(name: str, data_dir: str | None, split_seed: int, val_fraction: float):
+    from .data import load_dataset
+
+    return load_dataset(name, data_dir=data_dir, split_seed=split_seed, val_fraction=val_fraction)
+
+
+# -- activations of the probe -----------------------------------------------------------------
+
+
+def _probe_activations(model: nn.Module, x: torch.Tensor, sampling: str, fraction: float) -> list[torch.Tensor]:
+    """Per layer (B, units) activations: every activation module's output, then the logits.
+
+    Hidden layers are importance-sampled (top ``floor(fraction * units)`` by mean
+    |activation|, at least one) when ``sampling == "importance"``.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output.detach().flatten(1))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _ACTIVATIONS)]
+    try:
+        logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    layers = []
+    for a in captured:
+        if sampling == "importance":
+            k = max(1, int(math.floor(fraction * a.shape[1])))
+            if k < a.shape[1]:
+                idx = a.abs().mean(dim=0).topk(k).indices.sort().values
+                a = a[:, idx]
+        layers.append(a)
+    layers.append(logits.detach().flatten(1))
+    return layers
+
+
+@torch.no_grad()
+def probe_deaths(model: nn.Module, x: torch.Tensor, cfg: TrainConfig, keep_correlation: bool = False) -> dict:
+    """MST death statistics of ``model`` on the probe batch ``x`` (eval mode, no gradient).
+
+    Returns
+    -------
+    dict
+        ``neurons``, ``dead`` (constant neurons), ``min_death``, ``mean_death``,
+        ``max_death``, ``deaths`` (float32 array of shape (neurons - 1,)) and, with
+        ``keep_correlation``, ``correlation``: the (m, m) correlation matrix of at
+        most :data:`CORR_MAX_NEURONS` neurons spread evenly over the pooled set.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        acts = torch.cat(_probe_activations(model, x, cfg.sampling, cfg.fraction), dim=1).float()
+    finally:
+        model.train(was_training)
+    out: dict[str, Any] = {"neurons": int(acts.shape[1])}
+    if not torch.isfinite(acts).all():
+        out.update(dead=None, min_death=None, mean_death=None, max_death=None, deaths=None)
+        return out
+    _, dead = topodecorr.normalize_activations(acts)
+    deaths = topodecorr.correlation_deaths(acts, kind=cfg.dissimilarity).deaths
+    d = deaths.cpu().numpy().astype(np.float32)
+    out.update(
+        dead=int(dead.sum()),
+        min_death=float(d.min()) if d.size else None,
+        mean_death=float(d.mean()) if d.size else None,
+        max_death=float(d.max()) if d.size else None,
+        deaths=d,
+    )
+    if keep_correlation:
+        n = acts.shape[1]
+        idx = torch.linspace(0, n - 1, min(n, CORR_MAX_NEURONS)).round().long().unique()
+        out["correlation"] = topodecorr.correlation(acts[:, idx]).cpu().numpy()
+    return out
+
+
+# -- evaluation ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over (X, y), eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    try:
+        for start in range(0, X.shape[0], batch):
+            out = model(X[start : start + batch])
+            yb = y[start : start + batch]
+            total_loss += float(F.cross_entropy(out.float(), yb, reduction="sum"))
+            correct += int((out.argmax(dim=1) == yb).sum())
+    finally:
+        model.train(was_training)
+    n = max(1, X.shape[0])
+    return total_loss / n, correct / n
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a run checkpoint safely (``torch.load(..., weights_only=True)``: no code runs)."""
+    return torch.load(Path(path), map_location=map_location, weights_only=True)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill leaves the old or the new checkpoint, never half of one
+
+
+def _rng_state(gen: torch.Generator, device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "batches": gen.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, gen: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["batches"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+class _Diverged(Exception):
+    pass
+
+
+def _make_regulariser(model: nn.Module, spec: RunSpec):
+    cfg = spec.train
+    if spec.penalty not in DECORRELATION_PENALTIES:
+        return None
+    if not hasattr(topodecorr, "Decorrelation"):  # pragma: no cover - the training API is part of the package
+        raise RuntimeError("topodecorr.Decorrelation is not available in this installation")
+    kwargs = dict(
+        layers="auto",
+        penalty=spec.penalty,
+        weight=float(spec.weight),
+        dissimilarity=cfg.dissimilarity,
+        sampling=cfg.sampling,
+        fraction=cfg.fraction,
+        seed=spec.seed,
+        on_nonfinite="raise",
+    )
+    if spec.penalty == "t2":
+        kwargs["alpha"] = cfg.t2_alpha
+    return topodecorr.Decorrelation(model, **kwargs)
+
+
+def train_run(
+    spec: RunSpec,
+    checkpoint: str | Path | None = None,
+    *,
+    data=None,
+    progress: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train one network under the protocol and return its result.
+
+    Parameters
+    ----------
+    spec : RunSpec
+    checkpoint : path, optional
+        Epoch checkpoint file: resumed from when it exists and matches ``spec``,
+        rewritten after every epoch. Left in place; the caller deletes it.
+    data : DatasetSplits, optional
+        Preloaded data (default: loaded and cached per process).
+    progress : bool
+        Show an epoch progress bar (tqdm; hidden when stderr is not a terminal).
+    on_epoch : callable, optional
+        Called with each epoch's metrics dict (e.g. a heartbeat).
+
+    Returns
+    -------
+    dict
+        ``status`` (``done`` or ``diverged``), ``history`` (per-epoch dicts), the
+        best epoch's ``val_loss``/``val_acc``/``test_loss``/``test_acc``/``train_loss``,
+        ``epochs``, ``best_epoch``, ``wall_s``, ``epoch_s`` (mean), ``resumed_from``,
+        ``deaths`` (float32 array of the final network's MST deaths on the probe),
+        ``correlation`` (or None), ``metrics`` (extra numbers), ``versions``, ``error``.
+    """
+    cfg = spec.train
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if data is None:
+        data = _cached_dataset(spec.dataset, spec.data_dir, spec.split_seed, float(spec.val_fraction))
+    from .models import build_model
+
+    Xtr, ytr = (torch.as_tensor(a) for a in data.train)
+    Xva, yva = (torch.as_tensor(a) for a in data.val)
+    Xte, yte = (torch.as_tensor(a) for a in data.test)
+    Xtr, ytr, Xva, yva, Xte, yte = (t.to(device) for t in (Xtr, ytr, Xva, yva, Xte, yte))
+    ytr, yva, yte = ytr.long(), yva.long(), yte.long()
+    probe_x = Xva[: cfg.probe_batch]
+
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, data.input_shape, data.num_classes, **dict(spec.model_params)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    # staircase exponential decay, stepped once per batch: lr * lr_decay ** floor(step / decay_steps)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_steps, gamma=cfg.lr_decay)
+    gen = torch.Generator().manual_seed(spec.seed)
+    reg = _make_regulariser(model, spec)
+
+    identity = json.dumps(spec.to_dict(), sort_keys=True)
+    history: list[dict] = []
+    best = {"val_loss": math.inf, "epoch": -1, "state": None, "bad_epochs": 0}
+    start_epoch, resumed_from, wall_before = 0, None, 0.0
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    if ckpt_path is not None and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, map_location=device)
+        if state.get("identity") == identity:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"], gen, device)
+            history = list(state["history"])
+            best = dict(state["best"])
+            start_epoch = resumed_from = int(state["epoch"]) + 1
+            wall_before = float(state.get("wall_s", 0.0))
+
+    n_train = Xtr.shape[0]
+    status, error = "done", None
+    epochs_bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs_bar = tqdm(
+            total=cfg.max_epochs, initial=start_epoch, desc=f"{spec.network} {spec.penalty} {spec.weight:g} s{spec.seed}",
+            unit="epoch", leave=False, disable=None, dynamic_ncols=True,
+        )
+    stopped = best["bad_epochs"] >= cfg.patience
+    try:
+        for epoch in range(start_epoch, cfg.max_epochs):
+            if stopped:
+                break
+            t0 = time.perf_counter()
+            model.train()
+            perm = torch.randperm(n_train, generator=gen).to(device)
+            sum_task = sum_pen = 0.0
+            seen = batches = 0
+            lr_now = optimizer.param_groups[0]["lr"]
+            for start in range(0, n_train, cfg.batch_size):
+                idx = perm[start : start + cfg.batch_size]
+                if idx.numel() < 2:  # a trailing single sample has no correlation; skip it
+                    continue
+                xb, yb = Xtr[idx], ytr[idx]
+                if reg is not None:
+                    with reg:
+                        out = model(xb)
+                else:
+                    out = model(xb)
+                if not torch.isfinite(out).all():
+                    raise _Diverged(f"non-finite network output at epoch {epoch}")
+                task = F.cross_entropy(out, yb)
+                if reg is not None:
+                    try:
+                        term = reg.penalty()
+                    except (ValueError, FloatingPointError) as exc:
+                        if "finite" in str(exc) or "NaN" in str(exc):
+                            raise _Diverged(f"epoch {epoch}: {exc}") from None
+                        raise
+                elif spec.penalty == "l1":
+                    term = spec.weight * topodecorr.l1(model)
+                elif spec.penalty == "l2":
+                    term = spec.weight * topodecorr.l2(model)
+                else:
+                    term = None
+                loss = task if term is None else task + term
+                if not torch.isfinite(loss):
+                    raise _Diverged(f"non-finite loss at epoch {epoch} (task loss {task.item():.4g})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                sum_task += task.item() * idx.numel()
+                if term is not None and spec.weight > 0:
+                    sum_pen += term.item() / spec.weight
+                seen += idx.numel()
+                batches += 1
+            val_loss, val_acc = _evaluate(model, Xva, yva)
+            if not math.isfinite(val_loss):
+                raise _Diverged(f"non-finite validation loss at epoch {epoch}")
+            probe = probe_deaths(model, probe_x, cfg)
+            record = {
+                "epoch": epoch,
+                "lr": lr_now,
+                "train_loss": sum_task / max(1, seen),
+                "penalty": sum_pen / max(1, batches) if spec.penalty != "none" else None,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "neurons": probe["neurons"],
+                "dead": probe["dead"],
+                "min_death": probe["min_death"],
+                "mean_death": probe["mean_death"],
+                "max_death": probe["max_death"],
+                "epoch_s": time.perf_counter() - t0,
+            }
+            history.append(record)
+            if val_loss < best["val_loss"]:
+                best = {
+                    "val_loss": val_loss,
+                    "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                    "bad_epochs": 0,
+                }
+            else:
+                best["bad_epochs"] += 1
+            stopped = best["bad_epochs"] >= cfg.patience
+            if ckpt_path is not None:
+                _save_checkpoint(
+                    ckpt_path,
+                    {
+                        "identity": identity,
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": _rng_state(gen, device),
+                        "history": history,
+                        "best": best,
+                        "wall_s": wall_before + time.perf_counter() - t_start,
+                    },
+                )
+            if epochs_bar is not None:
+                epochs_bar.update(1)
+                epochs_bar.set_postfix(val_acc=f"{val_acc:.3f}", val_loss=f"{val_loss:.3f}", refresh=False)
+            if on_epoch is not None:
+                on_epoch(record)
+    except _Diverged as exc:
+        status, error = "diverged", str(exc)
+    finally:
+        if epochs_bar is not None:
+            epochs_bar.close()
+
+    result: dict[str, Any] = {
+        "status": status,
+        "error": error,
+        "history": history,
+        "epochs": len(history),
+        "resumed_from": resumed_from,
+        "versions": software_versions(),
+        "deaths": None,
+        "correlation": None,
+    }
+    if status == "done" and best["state"] is not None:
+        model.load_state_dict(best["state"])  # the paper keeps the best weights
+        tr_loss, tr_acc = _evaluate(model, Xtr, ytr)
+        va_loss, va_acc = _evaluate(model, Xva, yva)
+        te_loss, te_acc = _evaluate(model, Xte, yte)
+        probe = probe_deaths(model, probe_x, cfg, keep_correlation=spec.keep_correlation)
+        result.update(
+            best_epoch=best["epoch"],
+            train_loss=tr_loss,
+            val_loss=va_loss,
+            val_acc=va_acc,
+            test_loss=te_loss,
+            test_acc=te_acc,
+            deaths=probe["deaths"],
+            correlation=probe.get("correlation"),
+            metrics={"train_acc": tr_acc, "neurons": probe["neurons"], "dead": probe["dead"],
+                     "mean_death": probe["mean_death"], "min_death": probe["min_death"]},
+        )
+    elif status == "done":
+        status = result["status"] = "diverged"
+        result["error"] = "no finished epoch"
+    times = [h["epoch_s"] for h in history]
+    result["epoch_s"] = float(np.mean(times)) if times else None
+    result["wall_s"] = wall_before + time.perf_counter() - t_start  # over all invocations
+    return result
