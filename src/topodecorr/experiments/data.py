@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import numbers
 import os
 import pickle
 import random
@@ -170,7 +171,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
 
 
 def _check_val_fraction(val_fraction: float) -> None:
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real):
         raise DataError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
     if not 0.0 < float(val_fraction) < 1.0:
         raise DataError(f"val_fraction must lie strictly between 0 and 1 (paper: 0.2), got {val_fraction!r}")
