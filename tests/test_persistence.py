@@ -440,6 +440,23 @@ def test_clamped_zero_deaths_keep_their_gradient(backend):
     assert float(C.grad.abs().sum()) == 2.0
 
 
+@given(case=S.activations(min_n=2, max_n=20))
+@settings(max_examples=S.examples(20))
+def test_fused_deterministic_and_relabelling(backend, case):
+    family, seed, A = case
+    acts = torch.from_numpy(A).float()
+    r0 = correlation_deaths(acts, backend=backend)
+    r1 = correlation_deaths(acts.clone(), backend=backend)
+    assert torch.equal(r0.edges, r1.edges) and torch.equal(r0.deaths, r1.deaths)
+    n = A.shape[1]
+    perm = np.random.default_rng(seed).permutation(n)
+    rp = correlation_deaths(acts[:, torch.from_numpy(perm)], backend=backend)
+    torch.testing.assert_close(rp.deaths, r0.deaths, rtol=0, atol=1e-5)
+    if family in ("gaussian", "lowrank") and A.shape[0] >= 6:  # (B = 2 makes every |corr| 1: ties)
+        mapped = {(min(perm[a], perm[b]), max(perm[a], perm[b])) for a, b in rp.edges.tolist()}
+        assert mapped == S.edge_set(r0.edges)
+
+
 def test_fused_constant_batch(backend):
     acts = torch.ones(16, 6) * torch.arange(6.0)  # every neuron constant
     acts.requires_grad_(True)
