@@ -376,6 +376,16 @@ def test_fused_equals_dense_in_gradient(backend, kind, family):
         assert torch.all(a1.grad[:, torch.from_numpy(dead)] == 0)
 
 
+def test_fused_gradient_of_a_death_touches_only_its_two_neurons(backend):
+    A = torch.from_numpy(S.make_activations("gaussian", 20, 10, seed=5)).requires_grad_(True)
+    res = correlation_deaths(A, backend=backend)
+    for k in (0, 4, 8):
+        A.grad = None
+        res.deaths[k].backward(retain_graph=True)
+        touched = torch.nonzero(A.grad.abs().sum(0)).flatten().tolist()
+        assert touched == sorted(res.edges[k].tolist())
+
+
 @pytest.mark.parametrize("kind", ["abs", "sqrt"])
 def test_gradcheck_correlation_deaths(backend, kind):
     g = torch.Generator().manual_seed(1)

@@ -64,18 +64,24 @@ def check_dissimilarity(D: torch.Tensor) -> None:
     if D.shape[0] == 0:
         raise ValueError("D is empty (0 x 0): there must be at least one point")
     Dd = D.detach()
-    if not bool(torch.isfinite(Dd).all()):
+    # every statistic in one tensor, read back with a single host synchronisation
+    finite, scale, low, asym = torch.stack(
+        [
+            torch.isfinite(Dd).all().to(Dd.dtype),
+            Dd.abs().max(),
+            Dd.min(),
+            (Dd - Dd.T).abs().max(),
+        ]
+    ).tolist()
+    if not finite:
         bad = (~torch.isfinite(Dd)).nonzero()[0].tolist()
         raise ValueError(f"D contains a non-finite value (NaN or inf), first at index {tuple(bad)}")
-    scale = float(Dd.abs().max())
     tol = _tolerance(Dd, scale)
-    low = float(Dd.min())
     if low < -tol:
         raise ValueError(
             f"D has a negative entry ({low:.3g}); dissimilarities must be >= 0 "
             f"(tiny negatives down to -{tol:.1g} from rounding are clamped to 0)"
         )
-    asym = float((Dd - Dd.T).abs().max())
     if asym > tol:
         raise ValueError(
             f"D is not symmetric: max |D - D.T| = {asym:.3g} > tolerance {tol:.1g}; "
