@@ -228,10 +228,10 @@ def test_boruvka_is_kruskal_under_its_total_order(case):
     assert S.edge_set(e.numpy()) == _kruskal_ordered(D)
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 2, 7, 64])
+@pytest.mark.parametrize("chunk_rows", [1, 3, 64])
 def test_boruvka_chunking_does_not_change_edges(chunk_rows):
     for family in S.FAMILIES:
-        D = torch.from_numpy(S.make_matrix(family, 45, seed=6))
+        D = torch.from_numpy(S.make_matrix(family, 30, seed=6))
         ref = boruvka_edges(D)
         got = boruvka_edges(D, chunk_rows=chunk_rows)
         assert torch.equal(got, ref), family
@@ -240,8 +240,8 @@ def test_boruvka_chunking_does_not_change_edges(chunk_rows):
 def test_boruvka_rounding_asymmetry_still_a_tree():
     """Regression: one-ulp asymmetry plus ties made Boruvka close cycles (or index out of range)."""
     g = torch.Generator().manual_seed(1)
-    for trial in range(60):
-        n = 3 + trial % 30
+    for trial in range(40):
+        n = 3 + trial % 20
         W = torch.full((n, n), 0.5) + 3e-8 * torch.randint(0, 3, (n, n), generator=g).float()
         W.fill_diagonal_(0.0)
         e = boruvka_edges(W)

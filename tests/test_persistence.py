@@ -204,7 +204,8 @@ def test_gradcheck_mst_deaths(backend, n):
     g = torch.Generator().manual_seed(n)
     A = torch.rand(n, n, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda A: mst_deaths(_sym(A), backend=backend).deaths, (A,))
-    assert torch.autograd.gradgradcheck(lambda A: mst_deaths(_sym(A), backend=backend).deaths, (A,))
+    if n <= 3:  # second order goes through the shared gather only; keep it cheap
+        assert torch.autograd.gradgradcheck(lambda A: mst_deaths(_sym(A), backend=backend).deaths, (A,))
 
 
 def test_gradient_lands_on_edge_entries_split_half(backend):
@@ -391,7 +392,8 @@ def test_gradcheck_correlation_deaths(backend, kind):
     g = torch.Generator().manual_seed(1)
     acts = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a: correlation_deaths(a, kind=kind, backend=backend).deaths, (acts,))
-    assert torch.autograd.gradgradcheck(lambda a: correlation_deaths(a, kind=kind, backend=backend).deaths, (acts,))
+    if backend == "numpy":  # second order does not depend on the kernel (edges are constants)
+        assert torch.autograd.gradgradcheck(lambda a: correlation_deaths(a, kind=kind, backend=backend).deaths, (acts,))
 
 
 def test_fused_float32_matches_float64(backend):
