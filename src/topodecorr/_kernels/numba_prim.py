@@ -1,12 +1,37 @@
 """Dense Prim's algorithm compiled with numba: the CPU kernel.
 
-One pass over the rows of the matrix, O(n^2) time and O(n) extra memory.
-Vertices not yet in the tree are kept in a compacted array so that each
-step scans only the remaining ones (n^2 / 2 reads in total).
+O(n^2) time, O(n) extra memory, one streaming read of each row of the
+matrix in the order Prim's algorithm adds vertices (n^2 reads in all).
 
-Two variants share one loop: ``prim_min`` minimises the weights of ``W``;
+Layout of one step, after vertex ``u`` joined the tree:
+
+1. *Update* (one vectorised loop over the full, contiguous row ``u``):
+   ``key[k] = best(key[k], w(u, k))`` for every vertex ``k`` not in the tree,
+   ``par[k] = u`` where the key strictly improved, and the running best of all
+   keys is reduced in SIMD lanes in the same loop. Vertices already in the
+   tree are masked with one OR / MAX per lane (``tm``), not skipped, so the
+   loop has no branches and reads the row contiguously.
+2. *Locate* the first vertex whose key equals that best: chunks of 64 keys
+   are tested with a vectorised count, then one chunk is scanned.
+
+The comparisons run on the IEEE-754 bit patterns as integers, which is exact
+(no rounding, no fast-math) and vectorises in numba where a float argmin does
+not: for ``|c|`` the bits ``b & 0x7fff...`` order like ``|c|``; for a weight
+``w`` the map ``b ^ (0x7fff... if b < 0 else 0)`` orders like ``w`` (with
+``-0.0`` just below ``+0.0``, a harmless refinement of a tie).
+
+Ties are broken deterministically: the vertex added next is the one with the
+smallest index among those with the best key, and its parent is the first
+tree vertex (in order of addition) that attained that key.
+
+Two modes share one driver: ``prim_min`` minimises the weights of ``W``;
 ``prim_abs_max`` maximises ``|C|`` of a correlation matrix ``C``, i.e.
-minimises ``1 - |C|`` without materialising that matrix.
+minimises ``1 - |C|`` without materialising that matrix (same tree, and no
+rounding of ``1 - |c|`` that could merge distinct correlations into a tie).
+
+BENCHMARKS.md ("Kernels") compares this layout with the previous one
+(remaining vertices compacted, rows gathered) and with one streaming pass
+over the matrix.
 """
 
 from __future__ import annotations
@@ -14,64 +39,147 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+__all__ = ["prim_min", "prim_abs_max"]
+
+_MODE_MIN = 0
+_MODE_ABS_MAX = 1
+
+# per integer width: [low 31/63 bits, unused, most negative, most positive]
+_C32 = np.array([0x7FFFFFFF, 31, -(2**31), 2**31 - 1], dtype=np.int32)
+_C64 = np.array([0x7FFFFFFFFFFFFFFF, 63, -(2**63), 2**63 - 1], dtype=np.int64)
+
+_CHUNK = 64  # keys tested per vectorised count while locating the best one
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="never")
+def _update_abs_max(row, tm, key, par, u, low, lo):  # pragma: no cover - compiled
+    """Maximise |row| into key (bits), record parent u, return the new max key."""
+    zero = low - low
+    ones = ~zero
+    m = lo
+    for k in range(key.shape[0]):
+        x = (row[k] & low) | tm[k]  # |row[k]| bits, negative for tree vertices
+        kk = key[k]
+        p = par[k]
+        sel = ones if x > kk else zero
+        nk = max(x, kk)
+        key[k] = nk
+        par[k] = p ^ ((p ^ u) & sel)  # branch-free select, stored unconditionally
+        m = max(m, nk)
+    return m
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="never")
+def _update_min(row, tm, key, par, u, low, hi):  # pragma: no cover - compiled
+    """Minimise row (order-preserving bits) into key, record parent u, return the new min key."""
+    zero = low - low
+    ones = ~zero
+    m = hi
+    for k in range(key.shape[0]):
+        x = row[k]
+        x = max(x ^ (low if x < zero else zero), tm[k])  # tm = hi for tree vertices
+        kk = key[k]
+        p = par[k]
+        sel = ones if x < kk else zero
+        nk = min(x, kk)
+        key[k] = nk
+        par[k] = p ^ ((p ^ u) & sel)
+        m = min(m, nk)
+    return m
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="never")
+def _count_equal(key, best):  # pragma: no cover - compiled
+    c = 0
+    for k in range(key.shape[0]):
+        c += 1 if key[k] == best else 0
+    return c
+
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _prim(W, use_abs):  # pragma: no cover - compiled
-    n = W.shape[0]
+def _first_equal(key, best):  # pragma: no cover - compiled
+    n = key.shape[0]
+    s = 0
+    while s + _CHUNK < n and _count_equal(key[s : s + _CHUNK], best) == 0:
+        s += _CHUNK
+    while key[s] != best:
+        s += 1
+    return s
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _prim(Wi, mode, consts):  # pragma: no cover - compiled
+    """Prim's on the integer view ``Wi`` (n, n) of a float matrix; edges (n - 1, 2) int64."""
+    n = Wi.shape[0]
     out = np.empty((max(n - 1, 0), 2), dtype=np.int64)
     if n <= 1:
         return out
-    m = n - 1
-    # remaining vertices (compacted), their best key and the tree vertex it comes from
-    rem = np.empty(m, dtype=np.int64)
-    key = np.empty(m, dtype=W.dtype)
-    par = np.zeros(m, dtype=np.int64)
-    for k in range(m):
-        rem[k] = k + 1
-    v = 0
-    row = W[0]
-    for k in range(m):
-        if use_abs:
-            key[k] = -abs(row[k + 1])
-        else:
-            key[k] = row[k + 1]
+    low = consts[0]
+    lo = consts[2]
+    hi = consts[3]
+    # key and tm in one buffer, offset so that equal indices of the work arrays
+    # do not share an address modulo 4 KiB (4K aliasing stalls loads behind stores)
+    pad = 200
+    buf = np.empty(2 * n + 3 * pad, dtype=Wi.dtype)
+    key = buf[pad : pad + n]
+    tm = buf[n + 2 * pad : 2 * n + 2 * pad]
+    pbuf = np.zeros(n + pad, dtype=np.int32)
+    par = pbuf[pad // 2 : pad // 2 + n]
+    if mode == _MODE_ABS_MAX:
+        tm[:] = 0
+        mark = lo
+    else:
+        tm[:] = lo
+        mark = hi
+    tm[0] = mark
+    key[:] = mark
+    u = 0
     for it in range(n - 1):
-        # argmin over the remaining keys; ties go to the first position
-        best = key[0]
-        bi = 0
-        for k in range(1, m):
-            if key[k] < best:
-                best = key[k]
-                bi = k
-        v = rem[bi]
-        out[it, 0] = par[bi]
-        out[it, 1] = v
-        # remove position bi by moving the last remaining vertex there
-        m -= 1
-        rem[bi] = rem[m]
-        key[bi] = key[m]
-        par[bi] = par[m]
-        row = W[v]
-        if use_abs:
-            for k in range(m):
-                d = -abs(row[rem[k]])
-                if d < key[k]:
-                    key[k] = d
-                    par[k] = v
+        if mode == _MODE_ABS_MAX:
+            best = _update_abs_max(Wi[u], tm, key, par, np.int32(u), low, lo)
         else:
-            for k in range(m):
-                d = row[rem[k]]
-                if d < key[k]:
-                    key[k] = d
-                    par[k] = v
+            best = _update_min(Wi[u], tm, key, par, np.int32(u), low, hi)
+        u = _first_equal(key, best)
+        out[it, 0] = par[u]
+        out[it, 1] = u
+        tm[u] = mark
+        key[u] = mark
     return out
 
 
+def _bits(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    A = np.ascontiguousarray(A)
+    if A.ndim != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"expected a square (n, n) matrix, got shape {A.shape}")
+    if A.dtype == np.float32:
+        return A.view(np.int32), _C32
+    if A.dtype == np.float64:
+        return A.view(np.int64), _C64
+    raise TypeError(f"expected a float32 or float64 matrix, got dtype {A.dtype}")
+
+
 def prim_min(W: np.ndarray) -> np.ndarray:
-    """MST edges minimising ``W`` (shape (n, n), float32 or float64, C-contiguous)."""
-    return _prim(np.ascontiguousarray(W), False)
+    """MST edges minimising ``W``.
+
+    Parameters
+    ----------
+    W : ndarray, shape (n, n), float32 or float64
+        Weights; only the rows are read (row ``u`` gives the weights from ``u``),
+        the diagonal is ignored.
+
+    Returns
+    -------
+    ndarray, shape (n - 1, 2), int64
+        ``(parent, child)`` in the order Prim's algorithm adds the children.
+    """
+    Wi, consts = _bits(W)
+    return _prim(Wi, _MODE_MIN, consts)
 
 
 def prim_abs_max(C: np.ndarray) -> np.ndarray:
-    """MST edges minimising ``1 - |C|`` (equivalently maximising ``|C|``)."""
-    return _prim(np.ascontiguousarray(C), True)
+    """MST edges minimising ``1 - |C|`` (equivalently maximising ``|C|``).
+
+    Parameters and returns as in :func:`prim_min`.
+    """
+    Ci, consts = _bits(C)
+    return _prim(Ci, _MODE_ABS_MAX, consts)
