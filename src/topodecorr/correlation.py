@@ -139,16 +139,32 @@ def correlation(acts: torch.Tensor) -> torch.Tensor:
     """
     z, _ = normalize_activations(acts)
     with torch.autocast(device_type=z.device.type, enabled=False):
-        c = z.T @ z
-        # a float matrix product is not bitwise symmetric (blocked summation order);
-        # downstream checks and kernels expect an exactly symmetric matrix, and
-        # sqrt(1 - c^2) would amplify a one-ulp asymmetry near |c| = 1 to ~1e-8
-        c = 0.5 * (c + c.T)
-        c = _clip_unit_straight_through(c)
-        n = c.shape[0]
-        eye = torch.eye(n, dtype=torch.bool, device=c.device)
-        c = torch.where(eye, torch.ones_like(c), c)
+        c = _SymmetricUnitCorrelation.apply(z.T @ z)
     return c
+
+
+class _SymmetricUnitCorrelation(torch.autograd.Function):
+    """Finish a raw product ``Z^T Z`` of shape (n, n) into a correlation matrix.
+
+    Forward: ``(P + P^T) / 2`` (a float matrix product is not bitwise symmetric,
+    and ``sqrt(1 - c^2)`` would amplify a one-ulp asymmetry near ``|c| = 1`` to
+    ~1e-8), clipped to [-1, 1], unit diagonal (also for dead neurons).
+    Backward: the clip passes the gradient straight through (a near-duplicate
+    pair keeps its gradient); the diagonal, a constant, gets none. One fused
+    pass each way instead of a chain of elementwise ops; the backward is linear
+    in the incoming gradient, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, p):  # noqa: D102
+        c = torch.add(p, p.T).mul_(0.5).clamp_(-1.0, 1.0)
+        c.fill_diagonal_(1.0)
+        return c
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        g = (grad + grad.T) * 0.5
+        return g.fill_diagonal_(0.0)
 
 
 class _SqrtOneMinusSquare(torch.autograd.Function):
