@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits", help="dataset name")
     p.add_argument("--data-dir", default=None, help="folder with the dataset files")
     p.add_argument("--network", default="mlp", help="model name")
+    p.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                   help="model parameter, e.g. --param depth=2 --param 'hidden=[64, 32]' (repeatable; TOML value)")
     p.add_argument("--penalty", default="none", choices=PENALTIES, help="penalty")
     p.add_argument("--weight", type=float, default=0.0, help="penalty weight lambda (> 0 unless --penalty none)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order, dropout")
@@ -199,14 +201,18 @@ def _cmd_train(args) -> int:
     from .train import RunSpec
 
     train_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    params: dict = {}
+    for assignment in args.params:
+        _override(params, assignment)
+    from .config import SweepConfig, _network_from
+
+    net = _network_from({"model": args.network, "params": params}, 0)
+    SweepConfig(dataset=args.dataset, networks=(net,)).validate_names()
     spec = RunSpec(
-        dataset=args.dataset, network=args.network, model=args.network, penalty=args.penalty,
+        dataset=args.dataset, network=args.network, model=args.network, model_params=net.params, penalty=args.penalty,
         weight=float(args.weight), seed=args.seed, train=TrainConfig(**train_kwargs), data_dir=args.data_dir,
         split_seed=args.split_seed, val_fraction=args.val_fraction,
     )
-    from .config import SweepConfig, NetworkSpec
-
-    SweepConfig(dataset=spec.dataset, networks=(NetworkSpec(spec.network, spec.model),)).validate_names()
     ckpt_dir = None
     if args.checkpoint:
         # execute_run names the file itself; train_run takes the exact path

@@ -180,7 +180,8 @@ def write_report(out_dir: str | Path, alpha: float = 0.05) -> tuple[Path, str]:
             paths = plots.death_histograms(deaths, figs / "death_histograms")
             md.append(
                 "Zero-dimensional persistence deaths (MST edge weights of 1 - |corr|) of the final networks on a fixed "
-                "validation probe batch; low deaths are strongly correlated neuron pairs.\n"
+                "validation probe batch; low deaths are strongly correlated neuron pairs. The bar at 1 holds the "
+                "dead neurons (constant on the probe: correlation 0 with every other neuron).\n"
             )
             md.append(f"![death histograms]({_rel(paths[0], root)})\n")
             md.append(markdown_table(["penalty", "min", "10%", "median", "mean"], death_rows) + "\n")

@@ -312,14 +312,18 @@ def run_sweep(
                         (ckpt_dir / checkpoint_name(spec)).unlink(missing_ok=True)
                     if result["status"] == "failed":
                         log(f"run {spec.key} failed: {result['error'].splitlines()[0]}")
-                    if bar is not None:
+                    finished += 1
+                    acc = result.get("test_acc")
+                    line = (
+                        f"{spec.network} {spec.penalty} {spec.weight:g} s{spec.seed}: {result['status']}"
+                        + (f" test {acc:.3f}" if acc is not None else "")
+                        + (f" ({result.get('epochs')} epochs)" if result.get("epochs") is not None else "")
+                    )
+                    if bar is not None and not bar.disable:
                         bar.update(1)
-                        acc = result.get("test_acc")
-                        bar.set_postfix_str(
-                            f"{spec.network} {spec.penalty} {spec.weight:g} s{spec.seed}: {result['status']}"
-                            + (f" test {acc:.3f}" if acc is not None else ""),
-                            refresh=False,
-                        )
+                        bar.set_postfix_str(line, refresh=False)
+                    elif progress:  # no terminal (CI, a log file): one line per finished run
+                        log(f"[{finished}/{total}] {line}")
         except BaseException:
             # interrupted (Ctrl-C, SIGTERM): hand our runs back; their checkpoints stay
             store.release(in_flight.values())
