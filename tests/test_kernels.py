@@ -183,6 +183,29 @@ def test_kernel_abs_corr_mode(name, case):
     assert _weight(W, e_abs) == pytest.approx(S.scipy_deaths(W).sum(), abs=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernels_general_weights_signs_zeros_and_magnitudes(dtype):
+    """Kernels order weights exactly: negatives, -0.0 / +0.0, subnormals and huge values."""
+    rng = np.random.default_rng(7)
+    n = 40
+    big = np.finfo(dtype).max / 4
+    tiny = np.finfo(dtype).smallest_subnormal
+    pool = np.array([-5.0, -1.0, -tiny, -0.0, 0.0, tiny, 1e-30, 0.5, 1.0, 3.0, big, -big], dtype=dtype)
+    prob = np.full(pool.size, 0.003)
+    prob[pool == big] = 0.97  # mostly huge, so the tree needs all kinds of weights
+    prob /= prob.sum()
+    A = rng.choice(pool, size=(n, n), p=prob) * rng.choice([1, 1, 1, 0.999], size=(n, n)).astype(dtype)
+    W = np.triu(A, 1)
+    W = W + W.T
+    # the sorted multiset of MST weights is unique: compare it exactly (sums would overflow)
+    ref = sorted(float(W[i, j]) for i, j in _kruskal_ordered(W.astype(np.float64)))
+    assert ref[0] < 0 and ref[-1] > big / 2  # the tree mixes negative and huge weights
+    for name in K.available_backends():
+        e = K.mst_edges(torch.from_numpy(W), backend=name).numpy()
+        assert S.is_spanning_tree(e, n), name
+        assert sorted(float(W[i, j]) for i, j in e) == ref, name
+
+
 def test_prim_variants_agree_on_generic_input():
     from topodecorr._kernels import numba_prim
 
