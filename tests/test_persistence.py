@@ -331,6 +331,13 @@ def test_bad_backend_raises():
         mst_deaths(torch.zeros(3, 3), backend="nope")
 
 
+@pytest.mark.parametrize("name", ["numba", "numpy"])
+def test_host_backend_on_device_matrix_raises(name):
+    # a data-less "meta" matrix stands in for one on an accelerator
+    with pytest.raises(ValueError, match=f"backend '{name}' runs on .* but the matrix is on meta"):
+        mst_deaths(torch.zeros(3, 3, device="meta"), backend=name, validate=False)
+
+
 # --------------------------------------------------------------------------- the fused pipeline
 
 
