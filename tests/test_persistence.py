@@ -520,12 +520,13 @@ def test_fused_reuses_given_edges():
 
 @pytest.mark.slow
 def test_fused_large_n_default_blocked_product(backend):
-    """n >= 2048 takes the symmetric blocked product by default; check it against giotto-ph."""
-    A = S.make_activations("lowrank", 48, 2100, seed=12)
-    res = correlation_deaths(torch.from_numpy(A), backend=backend)
-    assert S.is_spanning_tree(res.edges.numpy(), 2100)
+    """Large n, with the default product and with the blocked symmetric one, against giotto-ph."""
+    A = torch.from_numpy(S.make_activations("lowrank", 48, 2100, seed=12))
     ref = _fused_large_reference()
-    np.testing.assert_allclose(res.deaths.numpy(), ref, rtol=1e-6, atol=1e-6)
+    for block in (None, 512):
+        res = correlation_deaths(A, backend=backend, gram_block=block)
+        assert S.is_spanning_tree(res.edges.numpy(), 2100)
+        np.testing.assert_allclose(res.deaths.numpy(), ref, rtol=1e-6, atol=1e-6)
 
 
 @functools.lru_cache(maxsize=None)
