@@ -145,14 +145,19 @@ def mst_deaths(D: torch.Tensor, backend: str = "auto", validate: bool = True) ->
 
 
 def _upper_gram(z: torch.Tensor, block: int) -> torch.Tensor:
-    """Z^T Z computing only the blocks on and above the diagonal, mirrored below."""
+    """Z^T Z computing only the blocks on and above the diagonal, mirrored below.
+
+    Each block row is written straight into its place (no temporary); the
+    result is bitwise symmetric. Saves ~40% of the flops but pays a transposed
+    copy of the lower half, so it wins only when B is large (BENCHMARKS.md).
+    """
     n = z.shape[1]
     C = torch.empty((n, n), dtype=z.dtype, device=z.device)
     for s in range(0, n, block):
         e = min(s + block, n)
-        part = z[:, s:e].T @ z[:, s:]
-        C[s:e, s:] = part
-        C[e:, s:e] = part[:, e - s :].T
+        torch.mm(z[:, s:e].T, z[:, s:], out=C[s:e, s:])
+        if e < n:
+            C[e:, s:e] = C[s:e, e:].T
     return C
 
 
@@ -186,8 +191,10 @@ def correlation_deaths(
         This is an approximation once the activations have moved.
     gram_block : int, optional
         Block width for computing only the upper half of the correlation
-        product (symmetry); ``None`` picks a measured default (one full product
-        below 2048 neurons).
+        product (symmetry); ``None`` picks a measured default: blocks of 512
+        when ``B >= 512`` and ``n >= 2048``, else one full product (with
+        ``B = 256`` the transposed copy of the lower half costs more than the
+        flops it saves; see BENCHMARKS.md, "Kernels").
 
     Returns
     -------
@@ -212,7 +219,7 @@ def correlation_deaths(
         with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
             zd = z.detach()
             if gram_block is None:
-                gram_block = n if n < 2048 else max(512, n // 4)
+                gram_block = 512 if (zd.shape[0] >= 512 and n >= 2048) else n
             C = zd.T @ zd if gram_block >= n else _upper_gram(zd, gram_block)
             edges = mst_edges(C, abs_corr=True, backend=backend)
     else:

@@ -1,0 +1,461 @@
+"""Benchmark of the MST-death kernels and the activations -> deaths -> T1 pipeline.
+
+Run on demand (not part of the test suite)::
+
+    .venv/bin/python benchmarks/kernel.py                 # n = 256 ... 4096, 7 repeats
+    .venv/bin/python benchmarks/kernel.py --quick         # n = 256, 1024; 3 repeats; no slow references
+    .venv/bin/python benchmarks/kernel.py --sizes 1024 4096 --repeats 5
+
+What is timed, per number of neurons n (float32, B = 256 samples):
+
+* ``floor``: one streaming pass over the (n, n) matrix (``D.sum()``), the
+  memory-bound floor of any exact dense MST (it must read every entry once).
+* MST kernels: the edges alone (``mst_edges``) and ``mst_deaths`` forward +
+  backward (``deaths.sum().backward()``), per backend, with and without input
+  validation; two alternative CPU layouts for comparison: the previous numba
+  kernel (remaining vertices compacted, rows gathered) and, when a C++
+  compiler is found, the current layout written in C++ (``g++ -O3 -march=native``,
+  loaded with ctypes).
+* References, on the same matrix: giotto-ph ``ripser_parallel`` (precomputed,
+  maxdim 0, with generators; the engine the paper's code used; 1 thread, its
+  default, and all threads), gudhi (``RipsComplex`` + dimension-0 persistence),
+  ripser.py (``distance_matrix=True, maxdim=0``) and SciPy's
+  ``minimum_spanning_tree``. These take seconds at n = 4096, so they run at
+  most ``--slow-repeats`` times.
+* The pipeline activations -> correlation -> deaths -> T1 -> backward: fused
+  (``correlation_deaths``) and naive (``mst_deaths(dissimilarity(correlation(acts)))``),
+  against the forward correlation alone (``correlation(acts)`` without grad) and
+  the bare product ``Z^T Z``; the upper-triangle block product used by the
+  fused path is timed for several block widths.
+* On CUDA (if available): the Boruvka backend on the GPU, up to n = 16384.
+
+Fast candidates are timed interleaved (round-robin) so that the machine's
+background load hits them alike; ratios are taken within one run. Results:
+``benchmarks/results/kernel.{json,csv,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import Timer, machine_info, markdown_table, time_interleaved, write_results  # noqa: E402
+
+import topodecorr as td  # noqa: E402
+from topodecorr._kernels import mst_edges  # noqa: E402
+from topodecorr.persistence import _upper_gram  # noqa: E402
+
+B = 256
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_acts(n: int, seed: int = 0) -> torch.Tensor:
+    """(B, n) float32 activations: 16 shared factors plus noise, so correlations are spread."""
+    g = torch.Generator().manual_seed(seed)
+    factors = torch.randn(B, 16, generator=g)
+    loadings = 0.5 * torch.randn(16, n, generator=g)
+    return factors @ loadings + torch.randn(B, n, generator=g)
+
+
+# --------------------------------------------------------------------------- alternative CPU kernels
+
+
+def _compacted_prim():
+    """The previous numba kernel: remaining vertices compacted, row entries gathered."""
+    from numba import njit
+
+    @njit(nogil=True, boundscheck=False)
+    def prim(W):  # pragma: no cover - compiled
+        n = W.shape[0]
+        out = np.empty((max(n - 1, 0), 2), dtype=np.int64)
+        if n <= 1:
+            return out
+        m = n - 1
+        rem = np.empty(m, dtype=np.int64)
+        key = np.empty(m, dtype=W.dtype)
+        par = np.zeros(m, dtype=np.int64)
+        for k in range(m):
+            rem[k] = k + 1
+            key[k] = W[0, k + 1]
+        for it in range(n - 1):
+            best = key[0]
+            bi = 0
+            for k in range(1, m):
+                if key[k] < best:
+                    best = key[k]
+                    bi = k
+            v = rem[bi]
+            out[it, 0] = par[bi]
+            out[it, 1] = v
+            m -= 1
+            rem[bi] = rem[m]
+            key[bi] = key[m]
+            par[bi] = par[m]
+            row = W[v]
+            for k in range(m):
+                d = row[rem[k]]
+                if d < key[k]:
+                    key[k] = d
+                    par[k] = v
+        return out
+
+    return prim
+
+
+_CPP_SOURCE = r"""
+#include <cstdint>
+#include <cstring>
+#include <vector>
+// Same layout as the numba kernel (minimise weights given as order-preserving int bits):
+// branch-free full-row update with fused min reduction, then locate the first best key.
+extern "C" void prim_min_f32(const float* Wf, int64_t n, int64_t* out) {
+    const int32_t* W = reinterpret_cast<const int32_t*>(Wf);
+    const int32_t HI = 0x7fffffff, LOW = 0x7fffffff;
+    std::vector<int32_t> key(n, HI), tm(n, INT32_MIN), par(n, 0);
+    tm[0] = HI;
+    int64_t u = 0;
+    for (int64_t it = 0; it < n - 1; ++it) {
+        const int32_t* row = W + u * n;
+        int32_t* __restrict k_ = key.data();
+        int32_t* __restrict p_ = par.data();
+        const int32_t* __restrict t_ = tm.data();
+        const int32_t uu = (int32_t)u;
+        int32_t m = HI;
+        for (int64_t k = 0; k < n; ++k) {
+            int32_t x = row[k];
+            x = x ^ (x < 0 ? LOW : 0);
+            x = x > t_[k] ? x : t_[k];
+            int32_t kk = k_[k];
+            int32_t p = p_[k];
+            int32_t nk = x < kk ? x : kk;
+            p_[k] = x < kk ? uu : p;
+            k_[k] = nk;
+            m = nk < m ? nk : m;
+        }
+        int64_t s = 0;
+        while (k_[s] != m) ++s;
+        out[2 * it] = p_[s];
+        out[2 * it + 1] = s;
+        tm[s] = HI;
+        key[s] = HI;
+        u = s;
+    }
+}
+"""
+
+
+def _cpp_prim(build_dir: Path):
+    """Compile the C++ variant with g++ if one is found; None otherwise."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        return None, "no C++ compiler"
+    src = build_dir / "prim.cpp"
+    lib = build_dir / "prim.so"
+    src.write_text(_CPP_SOURCE)
+    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17"]
+    try:
+        subprocess.run([cxx, *flags, str(src), "-o", str(lib)], check=True, capture_output=True, timeout=120)
+    except (subprocess.SubprocessError, OSError) as exc:
+        return None, f"compile failed: {exc}"
+    so = ctypes.CDLL(str(lib))
+    so.prim_min_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    so.prim_min_f32.restype = None
+
+    def prim(W: np.ndarray) -> np.ndarray:
+        W = np.ascontiguousarray(W, dtype=np.float32)
+        n = W.shape[0]
+        out = np.empty((max(n - 1, 0), 2), dtype=np.int64)
+        if n > 1:
+            so.prim_min_f32(W.ctypes.data, n, out.ctypes.data)
+        return out
+
+    return prim, " ".join([Path(cxx).name, *flags[:2]])
+
+
+# --------------------------------------------------------------------------- references
+
+
+def ref_giotto(D: np.ndarray, threads: int):
+    from gph import ripser_parallel
+
+    return ripser_parallel(D, metric="precomputed", maxdim=0, return_generators=True, n_threads=threads)
+
+
+def ref_gudhi(D: np.ndarray):
+    import gudhi
+
+    st = gudhi.RipsComplex(distance_matrix=D).create_simplex_tree(max_dimension=1)
+    st.compute_persistence()
+    return st.persistence_intervals_in_dimension(0)
+
+
+def ref_ripser(D: np.ndarray):
+    from ripser import ripser
+
+    return ripser(D, distance_matrix=True, maxdim=0)
+
+
+def ref_scipy(D: np.ndarray):
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    return minimum_spanning_tree(D)
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def _fwd_bwd_mst(D: torch.Tensor, backend: str, validate: bool):
+    Dl = D.detach().requires_grad_(True)
+
+    def run():
+        Dl.grad = None
+        td.mst_deaths(Dl, backend=backend, validate=validate).deaths.sum().backward()
+
+    return run
+
+
+def _check_exact(D: torch.Tensor, results: dict[str, np.ndarray]) -> None:
+    """All kernels give the same deaths multiset (exactness check before timing)."""
+    Dn = D.numpy()
+    ref = None
+    for name, e in results.items():
+        d = np.sort(Dn[e[:, 0], e[:, 1]])
+        if ref is None:
+            ref = (name, d)
+        elif not np.array_equal(d, ref[1]):
+            raise AssertionError(f"{name} deaths differ from {ref[0]}")
+
+
+def bench_kernels(n: int, args, timer: Timer, extra_kernels: dict) -> list[dict]:
+    acts = make_acts(n)
+    with torch.no_grad():
+        D = td.dissimilarity(td.correlation(acts)).contiguous()
+    Dn = D.numpy()
+    rows: list[dict] = []
+    # exactness of every CPU kernel on this matrix
+    checks = {"numba": mst_edges(D, backend="numba").numpy(), "boruvka": None}
+    checks["boruvka"] = mst_edges(D, backend="boruvka").numpy() if n <= 2048 else checks["numba"]
+    for name, fn in extra_kernels.items():
+        checks[name] = fn(Dn)
+    _check_exact(D, checks)
+
+    fast = {
+        "floor: D.sum() (torch)": lambda: D.sum(),
+        "floor: one pass (numpy, 1 thread)": lambda: np.add.reduce(Dn, axis=None),
+        "mst_edges numba": lambda: mst_edges(D, backend="numba"),
+        "mst_deaths fwd+bwd numba": _fwd_bwd_mst(D, "numba", validate=False),
+        "mst_deaths fwd+bwd numba, validate": _fwd_bwd_mst(D, "numba", validate=True),
+    }
+    for name, fn in extra_kernels.items():
+        fast[f"variant: {name}"] = lambda fn=fn: fn(Dn)
+    res = time_interleaved(fast, repeats=timer.repeats, warmup=timer.warmup)
+    rows += [timer.row(k, v, n=n, group="kernel") for k, v in res.items()]
+
+    slow_reps = args.slow_repeats
+    slow = [("mst_deaths fwd+bwd boruvka (CPU)", _fwd_bwd_mst(D, "boruvka", validate=False), 4096)]
+    if n <= 2048:
+        slow.append(("mst_deaths fwd+bwd numpy", _fwd_bwd_mst(D, "numpy", validate=False), 2048))
+    if not args.quick:
+        slow += [
+            ("giotto-ph ripser_parallel (1 thread)", lambda: ref_giotto(Dn, 1), 1 << 30),
+            ("giotto-ph ripser_parallel (all threads)", lambda: ref_giotto(Dn, -1), 1 << 30),
+            ("gudhi RipsComplex dim 0", lambda: ref_gudhi(Dn), args.max_slow_n),
+            ("ripser.py maxdim 0", lambda: ref_ripser(Dn), args.max_slow_n),
+            ("scipy minimum_spanning_tree", lambda: ref_scipy(Dn), args.max_slow_n),
+        ]
+    for name, fn, max_n in slow:
+        if n > max_n:
+            continue
+        reps = timer.repeats if n <= 1024 else slow_reps
+        times = time_interleaved({name: fn}, repeats=reps, warmup=1 if n <= 1024 else 0)[name]
+        rows.append(timer.row(name, times, n=n, group="reference" if "numba" not in name else "kernel"))
+    return rows
+
+
+def bench_pipeline(n: int, args, timer: Timer) -> list[dict]:
+    acts0 = make_acts(n, seed=1)
+    acts = acts0.clone().requires_grad_(True)
+    z, _ = td.normalize_activations(acts0)
+    z = z.contiguous()
+
+    def fused():
+        acts.grad = None
+        td.t1(td.correlation_deaths(acts).deaths).backward()
+
+    def fused_forward():
+        with torch.no_grad():
+            td.correlation_deaths(acts0)
+
+    def naive():
+        acts.grad = None
+        td.t1(td.mst_deaths(td.dissimilarity(td.correlation(acts))).deaths).backward()
+
+    def corr_forward():
+        with torch.no_grad():
+            td.correlation(acts0)
+
+    fns = {
+        "forward correlation(acts), no grad": corr_forward,
+        "bare product Z^T Z": lambda: z.T @ z,
+        "fused correlation_deaths -> T1, fwd+bwd": fused,
+        "fused correlation_deaths, forward only": fused_forward,
+        "naive dense mst_deaths(dissimilarity(correlation)) -> T1, fwd+bwd": naive,
+    }
+    res = time_interleaved(fns, repeats=timer.repeats, warmup=timer.warmup)
+    rows = [timer.row(k, v, n=n, group="pipeline") for k, v in res.items()]
+    # the symmetric product: full vs upper-triangle blocks (what gram_block chooses between)
+    grams = {"gram: full Z^T Z": lambda: z.T @ z}
+    for blk in (128, 256, 512, 1024, 2048):
+        if blk < n:
+            grams[f"gram: upper blocks of {blk}"] = lambda blk=blk: _upper_gram(z, blk)
+    res = time_interleaved(grams, repeats=timer.repeats, warmup=timer.warmup)
+    rows += [timer.row(k, v, n=n, group="gram") for k, v in res.items()]
+    return rows
+
+
+def bench_cuda(sizes: list[int], timer: Timer) -> list[dict]:
+    rows = []
+    dev = "cuda"
+    for n in sorted(set(sizes) | {16384}):
+        acts = make_acts(n).to(dev)
+        with torch.no_grad():
+            D = td.dissimilarity(td.correlation(acts)).contiguous()
+        t = Timer(timer.repeats, 2, device=dev)
+        rows.append(t.measure("cuda boruvka mst_edges", lambda: mst_edges(D, backend="boruvka"), n=n, group="cuda"))
+        rows.append(t.measure("cuda floor: D.sum()", lambda: D.sum(), n=n, group="cuda"))
+        acts_g = acts.clone().requires_grad_(True)
+
+        def fused():
+            acts_g.grad = None
+            td.t1(td.correlation_deaths(acts_g).deaths).backward()
+
+        rows.append(t.measure("cuda fused correlation_deaths -> T1, fwd+bwd", fused, n=n, group="cuda"))
+    return rows
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _get(rows, name, n):
+    for r in rows:
+        if r["name"] == name and r["n"] == n:
+            return r["median_ms"]
+    return None
+
+
+def summarise(rows: list[dict], sizes: list[int]) -> tuple[list[dict], str]:
+    ratios = []
+    for n in sizes:
+        floor = _get(rows, "floor: D.sum() (torch)", n)
+        floor1 = _get(rows, "floor: one pass (numpy, 1 thread)", n)
+        mst = _get(rows, "mst_edges numba", n)
+        fb = _get(rows, "mst_deaths fwd+bwd numba", n)
+        gph = _get(rows, "giotto-ph ripser_parallel (1 thread)", n)
+        gphall = _get(rows, "giotto-ph ripser_parallel (all threads)", n)
+        corr = _get(rows, "forward correlation(acts), no grad", n)
+        fused = _get(rows, "fused correlation_deaths -> T1, fwd+bwd", n)
+        naive = _get(rows, "naive dense mst_deaths(dissimilarity(correlation)) -> T1, fwd+bwd", n)
+        compact = _get(rows, "variant: numba Prim, compacted gather (previous)", n)
+
+        def ratio(a, b):
+            return None if a is None or b is None else a / b
+
+        ratios.append(
+            {
+                "n": n,
+                "mst / floor (torch pass)": ratio(mst, floor),
+                "mst / floor (1-thread pass)": ratio(mst, floor1),
+                "mst fwd+bwd / floor": ratio(fb, floor),
+                "previous kernel / mst": ratio(compact, mst),
+                "giotto-ph (1 thr) / mst fwd+bwd": ratio(gph, fb),
+                "giotto-ph (all thr) / mst fwd+bwd": ratio(gphall, fb),
+                "fused fwd+bwd / corr forward": ratio(fused, corr),
+                "naive fwd+bwd / corr forward": ratio(naive, corr),
+            }
+        )
+    cols = list(ratios[0]) if ratios else ["n"]
+    md = ["## Ratios (medians, same run)", "", markdown_table(ratios, cols), ""]
+    for group in ("kernel", "reference", "pipeline", "gram", "cuda"):
+        g = [r for r in rows if r["group"] == group]
+        if not g:
+            continue
+        names = list(dict.fromkeys(r["name"] for r in g))
+        ns = sorted({r["n"] for r in g})
+        table = []
+        for name in names:
+            row = {"median ms": name}
+            for n in ns:
+                row[f"n={n}"] = _get(g, name, n)
+            table.append(row)
+        md += [f"## {group} (median ms)", "", markdown_table(table, ["median ms"] + [f"n={n}" for n in ns]), ""]
+    return ratios, "\n".join(md)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--slow-repeats", type=int, default=3, help="repeats of the second-long references at n > 1024")
+    p.add_argument("--max-slow-n", type=int, default=4096, help="largest n for gudhi, ripser.py and SciPy")
+    p.add_argument("--quick", action="store_true", help="n = 256, 1024; 3 repeats; no external references")
+    p.add_argument("--no-pipeline", action="store_true")
+    p.add_argument("--name", default="kernel", help="results file stem under benchmarks/results/")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes = [256, 1024]
+        args.repeats = 3
+    timer = Timer(repeats=args.repeats, warmup=1)
+
+    extra = {"numba Prim, compacted gather (previous)": _compacted_prim()}
+    build = Path(tempfile.mkdtemp(prefix="topodecorr-bench-"))
+    cpp, cpp_note = _cpp_prim(build)
+    if cpp is not None:
+        extra["C++ full-row (same layout)"] = cpp
+    print(f"C++ variant: {cpp_note}", flush=True)
+
+    rows: list[dict] = []
+    for n in args.sizes:
+        print(f"n = {n}: kernels ...", flush=True)
+        rows += bench_kernels(n, args, timer, extra)
+        if not args.no_pipeline:
+            print(f"n = {n}: pipeline ...", flush=True)
+            rows += bench_pipeline(n, args, timer)
+    if torch.cuda.is_available():
+        rows += bench_cuda(args.sizes, timer)
+    shutil.rmtree(build, ignore_errors=True)
+
+    ratios, md = summarise(rows, args.sizes)
+    info = machine_info()
+    head = [
+        "# Kernel benchmark (generated by benchmarks/kernel.py)",
+        "",
+        f"{info['date_utc']}; {info['cpu']}, {info['cpu_count']} CPUs, load average {info.get('load_average')}; "
+        f"torch {info['torch_version']} ({info.get('torch_threads')} threads), numba {info['numba_version']}, "
+        f"numpy {info['numpy_version']}; CUDA: {info.get('cuda') or 'not available (GPU path unmeasured)'}; "
+        f"C++ variant: {cpp_note}. float32, B = {B}; medians of {args.repeats} "
+        f"(second-long references: {args.slow_repeats} at n > 1024).",
+        "",
+    ]
+    settings = {k: v for k, v in vars(args).items()}
+    settings.update({"B": B, "dtype": "float32", "cpp_variant": cpp_note})
+    paths = write_results(args.name, rows, settings=settings, extra={"ratios": ratios}, markdown="\n".join(head) + md)
+    print("\n".join(head) + md)
+    print("written:", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    raise SystemExit(main())
