@@ -9,12 +9,19 @@ from .correlation import correlation, dissimilarity, normalize_activations
 from .penalties import decov, l1, l2, mean_abs_correlation, t1, t2
 from .persistence import Deaths, correlation_deaths, mst_deaths
 from ._kernels import available_backends
+from .capture import Decorrelation, StepStats
+from .functional import decorrelation_penalty
+from .sampling import select_neurons
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
     "Deaths",
+    "Decorrelation",
+    "StepStats",
+    "decorrelation_penalty",
+    "select_neurons",
     "available_backends",
     "correlation",
     "correlation_deaths",

@@ -1,0 +1,178 @@
+"""The one pipeline every entry point calls: sample -> correlate -> deaths -> penalty.
+
+``decorrelation_penalty`` works on a list of activation tensors (one per
+layer, each flattened to (B, units)); the hook-based
+:class:`topodecorr.Decorrelation` captures those tensors from the training
+forward pass and calls the same function.
+
+Penalties (``lam`` is the weight):
+
+* ``"t1"``: lam * sum_k (1 - d_k) over the MST deaths d of the sampled neurons;
+* ``"t2"``: lam * (alpha * std(d) - (1 - alpha) * mean(d));
+* ``"mean_abs_corr"``: lam * mean |corr| over off-diagonal pairs (the paper's naive baseline);
+* ``"decov"``: lam * DeCov of the sampled neurons (Cogswell et al., 2016);
+* ``"none"``: 0 (a control that still runs capture and sampling).
+
+With ``pooled=True`` (the paper's default) the sampled neurons of all
+layers form one point cloud; with ``pooled=False`` each layer is its own
+cloud and the penalties are summed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .correlation import correlation, normalize_activations
+from .penalties import decov, mean_abs_correlation, t1, t2
+from .persistence import correlation_deaths
+from .sampling import select_neurons
+
+__all__ = ["PENALTIES", "PenaltyResult", "decorrelation_penalty", "flatten_activation"]
+
+PENALTIES = ("t1", "t2", "mean_abs_corr", "decov", "none")
+TOPOLOGICAL = ("t1", "t2")
+
+
+@dataclass
+class PenaltyResult:
+    """The weighted penalty and what produced it (one entry per point cloud)."""
+
+    value: torch.Tensor
+    deaths: list[torch.Tensor] = field(default_factory=list)
+    edges: list[torch.Tensor] = field(default_factory=list)
+    indices: list[list[torch.Tensor | None]] = field(default_factory=list)
+    neurons: int = 0
+    dead: torch.Tensor | None = None
+
+
+def flatten_activation(x: torch.Tensor, mode: str = "flatten") -> torch.Tensor:
+    """Turn a layer output into a (samples, neurons) matrix.
+
+    ``"flatten"``: (B, ...) -> (B, prod(...)): every entry of a feature map is a
+    neuron (the paper's rule). ``"channel"``: (B, C, *spatial) -> (B * prod(spatial), C):
+    one neuron per channel, spatial positions act as extra samples.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"a captured layer output must be a tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"a layer output needs a batch dimension and at least one unit, got shape {tuple(x.shape)}"
+        )
+    if mode == "flatten":
+        return x.reshape(x.shape[0], -1)
+    if mode == "channel":
+        if x.dim() == 2:
+            return x
+        c = x.shape[1]
+        return x.movedim(1, -1).reshape(-1, c)
+    raise ValueError(f"unknown mode {mode!r}; choose 'flatten' or 'channel'")
+
+
+def _penalty_on(acts: torch.Tensor, penalty: str, kind: str, alpha: float, backend: str, edges):
+    if penalty in TOPOLOGICAL:
+        res = correlation_deaths(acts, kind=kind, backend=backend, edges=edges)
+        value = t1(res.deaths) if penalty == "t1" else t2(res.deaths, alpha=alpha)
+        return value, res.deaths, res.edges
+    if penalty == "mean_abs_corr":
+        return mean_abs_correlation(correlation(acts)), None, None
+    if penalty == "decov":
+        return decov(acts), None, None
+    return acts.sum() * 0.0, None, None
+
+
+def decorrelation_penalty(
+    acts: list[torch.Tensor] | torch.Tensor,
+    penalty: str = "t1",
+    weight: float = 1.0,
+    *,
+    dissimilarity: str = "abs",
+    sampling: str = "all",
+    fraction: float = 1.0,
+    count: int | None = None,
+    output_layers: list[bool] | None = None,
+    pooled: bool = True,
+    alpha: float = 0.5,
+    generator: torch.Generator | None = None,
+    indices: list[list[torch.Tensor | None]] | None = None,
+    edges: list[torch.Tensor] | None = None,
+    backend: str = "auto",
+    return_result: bool = False,
+):
+    """Weighted decorrelation penalty of a list of layer activations (no hooks).
+
+    Parameters
+    ----------
+    acts : Tensor (B, n) or list of Tensor (B, n_l)
+        Activations of each layer, flattened per sample (see :func:`flatten_activation`).
+    penalty : {"t1", "t2", "mean_abs_corr", "decov", "none"}
+    weight : float
+        lambda >= 0.
+    dissimilarity : {"abs", "sqrt"}
+    sampling, fraction, count, generator
+        See :func:`topodecorr.sampling.select_neurons`.
+    output_layers : list of bool, optional
+        Which entries are output layers (always kept whole); default: the last one.
+    pooled : bool
+        One point cloud for all layers (True) or one per layer, summed (False).
+    alpha : float
+        T2's trade-off.
+    indices, edges : optional
+        Reuse a previous step's sampling and spanning trees (``refresh_every``):
+        the deaths of those edges are recomputed with gradient, no MST is built.
+    backend : str
+        MST kernel (see :func:`topodecorr.mst_deaths`).
+    return_result : bool
+        Return a :class:`PenaltyResult` instead of the scalar.
+
+    Returns
+    -------
+    Tensor (scalar) or PenaltyResult
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> h = torch.randn(32, 6, generator=g).relu()
+    >>> out = torch.randn(32, 3, generator=g)
+    >>> p = decorrelation_penalty([h, out], "t1", weight=0.1)
+    >>> bool(p > 0)
+    True
+    """
+    if isinstance(acts, torch.Tensor):
+        acts = [acts]
+    if not acts:
+        raise ValueError("no activations to regularise: pass at least one (batch, units) tensor")
+    if penalty not in PENALTIES:
+        raise ValueError(f"unknown penalty {penalty!r}; choose one of {PENALTIES}")
+    if not weight >= 0:
+        raise ValueError(f"weight must be >= 0, got {weight}")
+    batch = acts[0].shape[0]
+    for k, a in enumerate(acts):
+        if a.dim() != 2:
+            raise ValueError(f"activation {k} must be (batch, units); flatten it first, got {tuple(a.shape)}")
+        if a.shape[0] != batch:
+            raise ValueError(f"activation {k} has batch size {a.shape[0]}, expected {batch} like the first")
+    if output_layers is None:
+        output_layers = [False] * (len(acts) - 1) + [True]
+    if indices is None:
+        sel = select_neurons(acts, output_layers, sampling, fraction, count, generator)
+    else:
+        sel = indices[0]
+    picked = [a if i is None else a[:, i] for a, i in zip(acts, sel)]
+    groups = [torch.cat(picked, dim=1)] if pooled else picked
+    values, deaths, trees = [], [], []
+    for g_i, g in enumerate(groups):
+        prev = edges[g_i] if edges is not None else None
+        v, d, e = _penalty_on(g, penalty, dissimilarity, alpha, backend, prev)
+        values.append(v)
+        if d is not None:
+            deaths.append(d)
+            trees.append(e)
+    value = weight * torch.stack([v.float() if v.dtype != torch.float64 else v for v in values]).sum()
+    if not return_result:
+        return value
+    with torch.no_grad():
+        dead = torch.stack([normalize_activations(g.detach())[1].sum() for g in groups]).sum()
+    return PenaltyResult(value, deaths, trees, [sel], sum(g.shape[1] for g in groups), dead)
