@@ -284,7 +284,7 @@ def bench_kernels(n: int, args, timer: Timer, extra_kernels: dict) -> list[dict]
     return rows
 
 
-def bench_pipeline(n: int, args, timer: Timer) -> list[dict]:
+def bench_pipeline(n: int, args, timer: Timer, threads: int) -> list[dict]:
     acts0 = make_acts(n, seed=1)
     acts = acts0.clone().requires_grad_(True)
     z, _ = td.normalize_activations(acts0)
@@ -314,14 +314,14 @@ def bench_pipeline(n: int, args, timer: Timer) -> list[dict]:
         "naive dense mst_deaths(dissimilarity(correlation)) -> T1, fwd+bwd": naive,
     }
     res = time_interleaved(fns, repeats=timer.repeats, warmup=timer.warmup)
-    rows = [timer.row(k, v, n=n, group="pipeline") for k, v in res.items()]
+    rows = [timer.row(k, v, n=n, group="pipeline", threads=threads) for k, v in res.items()]
     # the symmetric product: full vs upper-triangle blocks (what gram_block chooses between)
     grams = {"gram: full Z^T Z": lambda: z.T @ z}
     for blk in (128, 256, 512, 1024, 2048):
         if blk < n:
             grams[f"gram: upper blocks of {blk}"] = lambda blk=blk: _upper_gram(z, blk)
     res = time_interleaved(grams, repeats=timer.repeats, warmup=timer.warmup)
-    rows += [timer.row(k, v, n=n, group="gram") for k, v in res.items()]
+    rows += [timer.row(k, v, n=n, group="gram", threads=threads) for k, v in res.items()]
     return rows
 
 
@@ -348,25 +348,26 @@ def bench_cuda(sizes: list[int], timer: Timer) -> list[dict]:
 # --------------------------------------------------------------------------- summary
 
 
-def _get(rows, name, n):
+def _get(rows, name, n, threads=None):
     for r in rows:
-        if r["name"] == name and r["n"] == n:
+        if r["name"] == name and r["n"] == n and (threads is None or r.get("threads") == threads):
             return r["median_ms"]
     return None
 
 
-def summarise(rows: list[dict], sizes: list[int]) -> tuple[list[dict], str]:
+def summarise(rows: list[dict], sizes: list[int], threads: list[int]) -> tuple[list[dict], str]:
     ratios = []
-    for n in sizes:
+    for n, th in [(n, th) for th in threads for n in sizes]:
         floor = _get(rows, "floor: D.sum() (torch)", n)
         floor1 = _get(rows, "floor: one pass (numpy, 1 thread)", n)
         mst = _get(rows, "mst_edges numba", n)
         fb = _get(rows, "mst_deaths fwd+bwd numba", n)
         gph = _get(rows, "giotto-ph ripser_parallel (1 thread)", n)
         gphall = _get(rows, "giotto-ph ripser_parallel (all threads)", n)
-        corr = _get(rows, "forward correlation(acts), no grad", n)
-        fused = _get(rows, "fused correlation_deaths -> T1, fwd+bwd", n)
-        naive = _get(rows, "naive dense mst_deaths(dissimilarity(correlation)) -> T1, fwd+bwd", n)
+        corr = _get(rows, "forward correlation(acts), no grad", n, th)
+        prod = _get(rows, "bare product Z^T Z", n, th)
+        fused = _get(rows, "fused correlation_deaths -> T1, fwd+bwd", n, th)
+        naive = _get(rows, "naive dense mst_deaths(dissimilarity(correlation)) -> T1, fwd+bwd", n, th)
         compact = _get(rows, "variant: numba Prim, compacted gather (previous)", n)
 
         def ratio(a, b):
@@ -375,20 +376,24 @@ def summarise(rows: list[dict], sizes: list[int]) -> tuple[list[dict], str]:
         ratios.append(
             {
                 "n": n,
+                "torch threads (pipeline)": th,
                 "mst / floor (torch pass)": ratio(mst, floor),
                 "mst / floor (1-thread pass)": ratio(mst, floor1),
                 "mst fwd+bwd / floor": ratio(fb, floor),
                 "previous kernel / mst": ratio(compact, mst),
                 "giotto-ph (1 thr) / mst fwd+bwd": ratio(gph, fb),
                 "giotto-ph (all thr) / mst fwd+bwd": ratio(gphall, fb),
-                "fused fwd+bwd / corr forward": ratio(fused, corr),
-                "naive fwd+bwd / corr forward": ratio(naive, corr),
+                "fused fwd+bwd / product Z^T Z": ratio(fused, prod),
+                "fused fwd+bwd / correlation() fwd": ratio(fused, corr),
+                "naive fwd+bwd / product Z^T Z": ratio(naive, prod),
             }
         )
     cols = list(ratios[0]) if ratios else ["n"]
     md = ["## Ratios (medians, same run)", "", markdown_table(ratios, cols), ""]
-    for group in ("kernel", "reference", "pipeline", "gram", "cuda"):
-        g = [r for r in rows if r["group"] == group]
+    parts = [("kernel", None), ("reference", None), ("cuda", None)]
+    parts += [(grp, th) for th in threads for grp in ("pipeline", "gram")]
+    for group, th in parts:
+        g = [r for r in rows if r["group"] == group and (th is None or r.get("threads") == th)]
         if not g:
             continue
         names = list(dict.fromkeys(r["name"] for r in g))
@@ -399,7 +404,8 @@ def summarise(rows: list[dict], sizes: list[int]) -> tuple[list[dict], str]:
             for n in ns:
                 row[f"n={n}"] = _get(g, name, n)
             table.append(row)
-        md += [f"## {group} (median ms)", "", markdown_table(table, ["median ms"] + [f"n={n}" for n in ns]), ""]
+        title = f"{group}, torch threads = {th}" if th is not None else f"{group}, torch threads = 1"
+        md += [f"## {title} (median ms)", "", markdown_table(table, ["median ms"] + [f"n={n}" for n in ns]), ""]
     return ratios, "\n".join(md)
 
 
@@ -411,6 +417,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-slow-n", type=int, default=4096, help="largest n for gudhi, ripser.py and SciPy")
     p.add_argument("--quick", action="store_true", help="n = 256, 1024; 3 repeats; no external references")
     p.add_argument("--no-pipeline", action="store_true")
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="torch thread counts for the pipeline; kernels and references always run with 1",
+    )
     p.add_argument("--name", default="kernel", help="results file stem under benchmarks/results/")
     args = p.parse_args(argv)
     if args.quick:
@@ -426,23 +439,28 @@ def main(argv=None) -> int:
     print(f"C++ variant: {cpp_note}", flush=True)
 
     rows: list[dict] = []
+    default_threads = torch.get_num_threads()
     for n in args.sizes:
         print(f"n = {n}: kernels ...", flush=True)
+        torch.set_num_threads(1)  # the kernels are single-threaded: so are the floor and the references
         rows += bench_kernels(n, args, timer, extra)
         if not args.no_pipeline:
-            print(f"n = {n}: pipeline ...", flush=True)
-            rows += bench_pipeline(n, args, timer)
+            for th in args.threads:
+                print(f"n = {n}: pipeline, {th} torch threads ...", flush=True)
+                torch.set_num_threads(th)
+                rows += bench_pipeline(n, args, timer, th)
+    torch.set_num_threads(default_threads)
     if torch.cuda.is_available():
         rows += bench_cuda(args.sizes, timer)
     shutil.rmtree(build, ignore_errors=True)
 
-    ratios, md = summarise(rows, args.sizes)
+    ratios, md = summarise(rows, args.sizes, [1] if args.no_pipeline else args.threads)
     info = machine_info()
     head = [
         "# Kernel benchmark (generated by benchmarks/kernel.py)",
         "",
         f"{info['date_utc']}; {info['cpu']}, {info['cpu_count']} CPUs, load average {info.get('load_average')}; "
-        f"torch {info['torch_version']} ({info.get('torch_threads')} threads), numba {info['numba_version']}, "
+        f"torch {info['torch_version']} (kernels and references with 1 thread, pipeline with {args.threads}), numba {info['numba_version']}, "
         f"numpy {info['numpy_version']}; CUDA: {info.get('cuda') or 'not available (GPU path unmeasured)'}; "
         f"C++ variant: {cpp_note}. float32, B = {B}; medians of {args.repeats} "
         f"(second-long references: {args.slow_repeats} at n > 1024).",

@@ -93,7 +93,14 @@ def _gather_sorted(D: torch.Tensor, edges: torch.Tensor) -> Deaths:
     """Deaths = (D[i, j] + D[j, i]) / 2 on the given edges, clamped at 0 in value only, sorted."""
     i, j = edges[:, 0], edges[:, 1]
     lo, hi = torch.minimum(i, j), torch.maximum(i, j)
-    d = 0.5 * (D[lo, hi] + D[hi, lo])
+    if D.is_contiguous():
+        # one gather of both symmetric entries: the backward then builds one dense
+        # (n, n) gradient instead of two plus their sum (measured ~2x faster at n = 4096)
+        n, m = D.shape[0], lo.shape[0]
+        both = D.reshape(-1)[torch.cat([lo * n + hi, hi * n + lo])]
+        d = 0.5 * (both[:m] + both[m:])
+    else:
+        d = 0.5 * (D[lo, hi] + D[hi, lo])
     d = d + (d.detach().clamp_min(0.0) - d.detach())
     order = torch.sort(d.detach(), stable=True).indices
     return Deaths(d[order], torch.stack([lo, hi], dim=1)[order])
