@@ -120,7 +120,7 @@ class DistContext:
             )
         return batch_size // self.world_size
 
-    def batches(self, perm: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, int]]:
+    def batches(self, perm: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         """This rank's share of every global batch of the epoch permutation ``perm``.
 
         Parameters
@@ -133,10 +133,10 @@ class DistContext:
         Yields
         ------
         idx : Tensor of shape (b,)
-            Sample indices of this rank's part, ``b = B / world_size`` except in
-            the last, shorter batch (the same ``b`` on every rank).
-        global_count : int
-            ``b * world_size``, the size of the global batch.
+            Sample indices of this rank's part: ``b = B / world_size``, except in the
+            last, shorter batch (the same ``b`` on every rank, so collectives match).
+            A batch is left out, on every rank, when the penalty would see fewer than
+            two samples (the global batch in ``"global"`` mode, ``b`` in ``"local"``).
         """
         from torch.utils.data import DistributedSampler
 
@@ -148,7 +148,9 @@ class DistContext:
         mine = perm[positions.to(perm.device)]
         for start in range(0, mine.numel(), local_bs):
             idx = mine[start : start + local_bs]
-            yield idx, idx.numel() * self.world_size
+            seen_by_penalty = idx.numel() * (self.world_size if self.penalty_mode == "global" else 1)
+            if seen_by_penalty >= 2:  # correlations need two samples
+                yield idx
 
     def seed_epoch(self, seed: int, epoch: int) -> None:
         """Reseed this rank's random stream (dropout) for ``epoch``; rank 0 keeps its own."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -289,7 +290,7 @@ class _Diverged(Exception):
     pass
 
 
-def _make_regulariser(model: nn.Module, spec: RunSpec):
+def _make_regulariser(model: nn.Module, spec: RunSpec, distributed: str = "global"):
     cfg = spec.train
     if spec.penalty not in DECORRELATION_PENALTIES:
         return None
@@ -304,6 +305,7 @@ def _make_regulariser(model: nn.Module, spec: RunSpec):
         fraction=cfg.fraction,
         seed=spec.seed,
         on_nonfinite="raise",
+        distributed=distributed,  # under DDP: penalty of the gathered global batch, or per rank
     )
     if spec.penalty == "t2":
         kwargs["alpha"] = cfg.t2_alpha
@@ -317,6 +319,7 @@ def train_run(
     data=None,
     progress: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
+    dist=None,
 ) -> dict:
     """Train one network under the protocol and return its result.
 
@@ -332,6 +335,11 @@ def train_run(
         Show an epoch progress bar (tqdm; hidden when stderr is not a terminal).
     on_epoch : callable, optional
         Called with each epoch's metrics dict (e.g. a heartbeat).
+    dist : topodecorr.experiments.ddp.DistContext, optional
+        This process's rank in a ``torchrun`` job: the model is wrapped in
+        DistributedDataParallel, each global batch of ``batch_size`` is split
+        over the ranks, metrics are all-reduced and only rank 0 writes the
+        checkpoint (see :mod:`topodecorr.experiments.ddp`).
 
     Returns
     -------
@@ -344,7 +352,7 @@ def train_run(
     """
     cfg = spec.train
     t_start = time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device) if dist is None else dist.device
     if data is None:
         data = _cached_dataset(spec.dataset, spec.data_dir, spec.split_seed, float(spec.val_fraction))
     from .models import build_model
@@ -362,7 +370,10 @@ def train_run(
     # staircase exponential decay, stepped once per batch: lr * lr_decay ** floor(step / decay_steps)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_steps, gamma=cfg.lr_decay)
     gen = torch.Generator().manual_seed(spec.seed)
-    reg = _make_regulariser(model, spec)
+    reg = _make_regulariser(model, spec, "global" if dist is None else dist.penalty_mode)
+    # DDP: `net` trains (gradients averaged over ranks); `model`, the same weights, is evaluated and saved
+    net = model if dist is None else dist.wrap(model)
+    evaluate = _evaluate if dist is None else functools.partial(dist.evaluate, _evaluate)
 
     identity = json.dumps(spec.to_dict(), sort_keys=True)
     history: list[dict] = []
@@ -384,7 +395,7 @@ def train_run(
     n_train = Xtr.shape[0]
     status, error = "done", None
     epochs_bar = None
-    if progress:
+    if progress and (dist is None or dist.is_main):
         from tqdm.auto import tqdm
 
         epochs_bar = tqdm(
@@ -402,17 +413,21 @@ def train_run(
             sum_task = sum_pen = 0.0
             seen = batches = 0
             lr_now = optimizer.param_groups[0]["lr"]
-            for start in range(0, n_train, cfg.batch_size):
-                idx = perm[start : start + cfg.batch_size]
-                if idx.numel() < 2:  # a trailing single sample has no correlation; skip it
+            if dist is None:
+                batch_iter = (perm[start : start + cfg.batch_size] for start in range(0, n_train, cfg.batch_size))
+            else:  # this rank's share of each global batch (DistributedSampler)
+                dist.seed_epoch(spec.seed, epoch)
+                batch_iter = dist.batches(perm, cfg.batch_size)
+            for idx in batch_iter:
+                if idx.numel() < 2 and dist is None:  # a trailing single sample has no correlation; skip it
                     continue
                 xb, yb = Xtr[idx], ytr[idx]
                 if reg is not None:
                     with reg:
-                        out = model(xb)
+                        out = net(xb)
                 else:
-                    out = model(xb)
-                if not torch.isfinite(out).all():
+                    out = net(xb)
+                if not (torch.isfinite(out).all() if dist is None else dist.all_finite(out)):  # all ranks stop together
                     raise _Diverged(f"non-finite network output at epoch {epoch}")
                 task = F.cross_entropy(out, yb)
                 if reg is not None:
@@ -429,7 +444,7 @@ def train_run(
                 else:
                     term = None
                 loss = task if term is None else task + term
-                if not torch.isfinite(loss):
+                if not (torch.isfinite(loss) if dist is None else dist.all_finite(loss)):
                     raise _Diverged(f"non-finite loss at epoch {epoch} (task loss {task.item():.4g})")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -440,7 +455,9 @@ def train_run(
                     sum_pen += term.item() / spec.weight
                 seen += idx.numel()
                 batches += 1
-            val_loss, val_acc = _evaluate(model, Xva, yva)
+            if dist is not None:  # sums over all ranks
+                sum_task, sum_pen, seen, batches = dist.all_reduce_sum([sum_task, sum_pen, seen, batches])
+            val_loss, val_acc = evaluate(model, Xva, yva)
             if not math.isfinite(val_loss):
                 raise _Diverged(f"non-finite validation loss at epoch {epoch}")
             probe = probe_deaths(model, probe_x, cfg)
@@ -469,7 +486,7 @@ def train_run(
             else:
                 best["bad_epochs"] += 1
             stopped = best["bad_epochs"] >= cfg.patience
-            if ckpt_path is not None:
+            if ckpt_path is not None and (dist is None or dist.is_main):
                 _save_checkpoint(
                     ckpt_path,
                     {
@@ -507,9 +524,9 @@ def train_run(
     }
     if status == "done" and best["state"] is not None:
         model.load_state_dict(best["state"])  # the paper keeps the best weights
-        tr_loss, tr_acc = _evaluate(model, Xtr, ytr)
-        va_loss, va_acc = _evaluate(model, Xva, yva)
-        te_loss, te_acc = _evaluate(model, Xte, yte)
+        tr_loss, tr_acc = evaluate(model, Xtr, ytr)
+        va_loss, va_acc = evaluate(model, Xva, yva)
+        te_loss, te_acc = evaluate(model, Xte, yte)
         probe = probe_deaths(model, probe_x, cfg, keep_correlation=spec.keep_correlation)
         result.update(
             best_epoch=best["epoch"],
