@@ -222,6 +222,7 @@ def run_sweep(
     keep_checkpoints: bool = False,
     max_runs: int | None = None,
     log: Callable[[str], None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> dict[str, int]:
     """Run (or resume) a sweep into ``out_dir``; return the run counts by status.
 
@@ -246,6 +247,9 @@ def run_sweep(
         Stop after claiming this many runs (for tests and partial sweeps).
     log : callable, optional
         Receives one-line messages (default: print to stderr).
+    checkpoint_dir : path, optional
+        Where runs keep their epoch checkpoints (default ``out_dir/checkpoints``); with
+        workers on other machines (Ray) a folder every node can reach.
     """
     if log is None:
         def log(msg: str) -> None:
@@ -254,7 +258,7 @@ def run_sweep(
     config.validate_names()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out / "checkpoints"
     # fail fast (clear error, nothing written to the runs) when the data cannot be read
     data = _cached_dataset(config.dataset, config.data_dir, config.split_seed, float(config.val_fraction))
     store = ResultStore(out / DB_NAME)
