@@ -94,6 +94,19 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-runs", type=int, default=None, help="stop after starting this many runs (partial sweep)")
     p.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("scaling out (docs/scaling.md)")
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where runs execute: local processes, or Ray tasks on this machine or a Ray cluster "
+                        "(needs topodecorr[ray]); with ray, --workers caps the runs in flight")
+    g.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join ('auto', HOST:6379, ray://HOST:10001); default: a private local instance")
+    g.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs (and torch threads) each Ray task asks for")
+    g.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs each Ray task asks for (fractions share one)")
+    g.add_argument("--max-retries", type=int, default=3,
+                   help="Ray retries of a run whose worker died; the retry resumes from its last epoch checkpoint")
+    g.add_argument("--checkpoint-dir", default=None,
+                   help="folder of the epoch checkpoints (default: OUT/checkpoints); with Ray on several machines "
+                        "it must be storage every node can reach")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -168,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="epoch checkpoint file (resumed from when present)")
     p.add_argument("--output", default=None, help="write the result (JSON) to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--distributed-penalty", choices=("global", "local"), default="global",
+                   help="under torchrun (DDP): the penalty of the global batch gathered from all ranks, or per rank")
     _add_train_options(p)
 
     sub.add_parser("presets", help="list the shipped presets", formatter_class=_Formatter,
@@ -184,9 +199,24 @@ def _sweep(args, config, out: Path) -> int:
     from .sweep import cpu_count, run_sweep
 
     workers = args.workers if args.workers > 0 else max(1, min(cpu_count(), len(config.grid())))
+    executor = None
+    if args.executor == "ray":
+        from .ray_executor import RayExecutor
+
+        try:
+            executor = RayExecutor(args.ray_address, num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run,
+                                   max_retries=args.max_retries, max_in_flight=args.workers if args.workers > 0 else None)
+        except (ImportError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+        workers = executor.capacity
     t0 = time.perf_counter()
-    counts = run_sweep(config, out, workers=workers, progress=not args.quiet, stale_after=args.stale_after,
-                       keep_checkpoints=args.keep_checkpoints, max_runs=args.max_runs)
+    try:
+        counts = run_sweep(config, out, workers=workers, executor=executor, progress=not args.quiet,
+                           stale_after=args.stale_after, keep_checkpoints=args.keep_checkpoints,
+                           max_runs=args.max_runs, checkpoint_dir=args.checkpoint_dir)
+    finally:
+        if executor is not None:
+            executor.shutdown()
     elapsed = time.perf_counter() - t0
     print(f"runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + f" ({elapsed:.1f} s, {workers} worker(s))")
     if not args.no_report:
@@ -214,7 +244,23 @@ def _cmd_train(args) -> int:
         split_seed=args.split_seed, val_fraction=args.val_fraction,
     )
     ckpt_dir = None
-    if args.checkpoint:
+    from . import ddp
+
+    ctx = None
+    if ddp.launched_by_torchrun():  # this process is one rank of a DistributedDataParallel run
+        from .train import train_run
+
+        ctx = ddp.setup(device=args.device, penalty_mode=args.distributed_penalty)
+        try:
+            ctx.check_batch_size(spec.train.batch_size)
+            result = train_run(spec, args.checkpoint, progress=not args.quiet, dist=ctx)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        finally:
+            ddp.teardown()
+        if not ctx.is_main:  # rank 0 alone prints and writes
+            return 0 if result["status"] == "done" else 1
+    elif args.checkpoint:
         # execute_run names the file itself; train_run takes the exact path
         from .train import train_run
 
@@ -227,6 +273,7 @@ def _cmd_train(args) -> int:
     if args.output:
         payload = {k: v for k, v in result.items() if k not in ("deaths", "correlation")}
         payload["spec"] = spec.to_dict()
+        payload["world_size"] = 1 if ctx is None else ctx.world_size
         if result.get("deaths") is not None:
             payload["deaths"] = [float(x) for x in result["deaths"]]
         Path(args.output).write_text(json.dumps(payload, indent=2, default=float) + "\n")
