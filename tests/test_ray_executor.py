@@ -140,3 +140,26 @@ def test_missing_ray_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(ImportError, match=r"topodecorr\[ray\]"):
         ray_executor.RayExecutor()
+
+
+def test_cli_sweep_with_the_ray_executor(tmp_path, local_ray, capsys):
+    from topodecorr.experiments.cli import main
+
+    config = tmp_path / "tiny.toml"
+    config.write_text('name = "cli-ray"\ndataset = "digits"\nnetworks = [{ label = "mlp", model = "mlp", '
+                      'params = { hidden = [16] } }]\npenalties = ["none"]\nseeds = [0, 1]\n'
+                      '[train]\nmax_epochs = 1\nprobe_batch = 32\n')
+    shared = tmp_path / "shared-checkpoints"
+    argv = ["sweep", str(config), "--out", str(tmp_path / "out"), "--executor", "ray", "--cpus-per-run", "1",
+            "--checkpoint-dir", str(shared), "--keep-checkpoints", "--no-report", "--quiet"]
+    assert main(argv) == 0
+    assert "2 done" in capsys.readouterr().out
+    with ResultStore(tmp_path / "out" / DB_NAME, create=False) as store:
+        assert [r["status"] for r in store.runs()] == ["done", "done"]
+    assert len(list(shared.glob("*.pt"))) == 2  # the runs checkpointed where they were told to
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert ray.is_initialized()  # the CLI joined the running instance and left it running
+
+    # a request the cluster cannot satisfy is a one-line error, exit status 2, nothing run
+    assert main(["sweep", str(config), "--out", str(tmp_path / "out2"), "--executor", "ray", "--cpus-per-run", "4"]) == 2
+    assert "cluster has 2 CPU" in capsys.readouterr().err
