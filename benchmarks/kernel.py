@@ -226,6 +226,14 @@ def _fwd_bwd_mst(D: torch.Tensor, backend: str, validate: bool):
     return run
 
 
+def _forward_mst(D: torch.Tensor, backend: str):
+    def run():
+        with torch.no_grad():
+            td.mst_deaths(D, backend=backend, validate=False)
+
+    return run
+
+
 def _check_exact(D: torch.Tensor, results: dict[str, np.ndarray]) -> None:
     """All kernels give the same deaths multiset (exactness check before timing)."""
     Dn = D.numpy()
@@ -255,6 +263,7 @@ def bench_kernels(n: int, args, timer: Timer, extra_kernels: dict) -> list[dict]
         "floor: D.sum() (torch)": lambda: D.sum(),
         "floor: one pass (numpy, 1 thread)": lambda: np.add.reduce(Dn, axis=None),
         "mst_edges numba": lambda: mst_edges(D, backend="numba"),
+        "mst_deaths forward numba": _forward_mst(D, "numba"),
         "mst_deaths fwd+bwd numba": _fwd_bwd_mst(D, "numba", validate=False),
         "mst_deaths fwd+bwd numba, validate": _fwd_bwd_mst(D, "numba", validate=True),
     }
@@ -362,6 +371,7 @@ def summarise(rows: list[dict], sizes: list[int], threads: list[int]) -> tuple[l
         floor1 = _get(rows, "floor: one pass (numpy, 1 thread)", n)
         mst = _get(rows, "mst_edges numba", n)
         fb = _get(rows, "mst_deaths fwd+bwd numba", n)
+        fwd = _get(rows, "mst_deaths forward numba", n)
         gph = _get(rows, "giotto-ph ripser_parallel (1 thread)", n)
         gphall = _get(rows, "giotto-ph ripser_parallel (all threads)", n)
         corr = _get(rows, "forward correlation(acts), no grad", n, th)
@@ -381,6 +391,7 @@ def summarise(rows: list[dict], sizes: list[int], threads: list[int]) -> tuple[l
                 "mst / floor (1-thread pass)": ratio(mst, floor1),
                 "mst fwd+bwd / floor": ratio(fb, floor),
                 "previous kernel / mst": ratio(compact, mst),
+                "giotto-ph (1 thr) / mst_deaths fwd": ratio(gph, fwd),
                 "giotto-ph (1 thr) / mst fwd+bwd": ratio(gph, fb),
                 "giotto-ph (all thr) / mst fwd+bwd": ratio(gphall, fb),
                 "fused fwd+bwd / product Z^T Z": ratio(fused, prod),

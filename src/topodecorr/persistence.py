@@ -236,7 +236,10 @@ def correlation_deaths(
     i, j = edges[:, 0], edges[:, 1]
     lo, hi = torch.minimum(i, j), torch.maximum(i, j)
     with torch.autocast(device_type=z.device.type, enabled=False):
-        c = (z[:, lo] * z[:, hi]).sum(dim=0)
+        # gather neuron rows of a contiguous (n, B) copy: contiguous reads, and a row
+        # scatter in the backward (measured ~2x faster than column gathers at n = 4096)
+        zt = z.T.contiguous()
+        c = (zt.index_select(0, lo) * zt.index_select(0, hi)).sum(dim=1)
         c = _clip_unit_straight_through(c)
         d = dissimilarity(c, kind)
     order = torch.sort(d.detach(), stable=True).indices
