@@ -39,4 +39,18 @@ def gather_activations(acts: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     parts = all_gather(acts.contiguous())
-    return torch.cat(parts, dim=0)
+    # the gather's backward on gloo (an all_to_all) ships raw storage: a strided gradient
+    # (the correlation's backward gives a column-major one) would arrive scrambled
+    return torch.cat([_ContiguousGrad.apply(p) for p in parts], dim=0)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous copy of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
