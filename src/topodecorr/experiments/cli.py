@@ -323,6 +323,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _print_error("interrupted; run the same command again to resume (finished runs are kept)")
         return 130
+    except SystemExit as exc:
+        if exc.code == 128 + signal.SIGTERM:
+            _print_error("terminated; run the same command again to resume (finished runs are kept)")
+        raise
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -30,7 +30,7 @@ probe, for every penalty, gives the end-of-training death histograms.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import functools
 import json
@@ -422,27 +422,27 @@ def train_run(
                 if idx.numel() < 2 and dist is None:  # a trailing single sample has no correlation; skip it
                     continue
                 xb, yb = Xtr[idx], ytr[idx]
-                if reg is not None:
-                    with reg:
-                        out = net(xb)
-                else:
+                # the decorrelation penalty reads the activations of this very forward pass (hooks)
+                with reg if reg is not None else contextlib.nullcontext():
                     out = net(xb)
-                if not (torch.isfinite(out).all() if dist is None else dist.all_finite(out)):  # all ranks stop together
-                    raise _Diverged(f"non-finite network output at epoch {epoch}")
-                task = F.cross_entropy(out, yb)
-                if reg is not None:
-                    try:
-                        term = reg.penalty()
-                    except (ValueError, FloatingPointError) as exc:
-                        if "finite" in str(exc) or "NaN" in str(exc):
+                    if not (torch.isfinite(out).all() if dist is None else dist.all_finite(out)):  # all ranks stop together
+                        raise _Diverged(f"non-finite network output at epoch {epoch}")
+                    task = F.cross_entropy(out, yb)
+                    if reg is not None:
+                        try:
+                            term = reg.penalty()
+                        except FloatingPointError as exc:  # a non-finite penalty (on_nonfinite="raise")
                             raise _Diverged(f"epoch {epoch}: {exc}") from None
-                        raise
-                elif spec.penalty == "l1":
-                    term = spec.weight * topodecorr.l1(model)
-                elif spec.penalty == "l2":
-                    term = spec.weight * topodecorr.l2(model)
-                else:
-                    term = None
+                        except ValueError as exc:  # non-finite activations reach the correlation
+                            if "NaN or inf" in str(exc):
+                                raise _Diverged(f"epoch {epoch}: {exc}") from None
+                            raise
+                    elif spec.penalty == "l1":
+                        term = spec.weight * topodecorr.l1(model)
+                    elif spec.penalty == "l2":
+                        term = spec.weight * topodecorr.l2(model)
+                    else:
+                        term = None
                 loss = task if term is None else task + term
                 if not (torch.isfinite(loss) if dist is None else dist.all_finite(loss)):
                     raise _Diverged(f"non-finite loss at epoch {epoch} (task loss {task.item():.4g})")

@@ -1,0 +1,154 @@
+"""The `topodecorr` command line: end to end, --help, clear errors that leave results intact."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from topodecorr.experiments.cli import build_parser, main
+
+TINY_TOML = """
+name = "cli-tiny"
+dataset = "digits"
+networks = ["mlp"]
+penalties = ["none", "l2", "t1"]
+weights = [1e-3]
+seeds = [0, 1, 2]
+[train]
+max_epochs = 2
+probe_batch = 64
+"""
+
+
+def _digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("results.sqlite*"))}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A tiny sweep run through the CLI: data -> training -> database -> statistics -> report."""
+    root = tmp_path_factory.mktemp("cli")
+    config = root / "tiny.toml"
+    config.write_text(TINY_TOML)
+    out = root / "out"
+    code = main(["sweep", str(config), "--out", str(out), "--workers", "1", "--quiet"])
+    assert code == 0
+    return config, out
+
+
+def test_end_to_end_sweep_writes_the_report(finished, capsys):
+    _, out = finished
+    report = (out / "report.md").read_text()
+    assert "| network | none | l2 | t1 |" in report
+    assert "| mlp |" in report and "**average rank**" in report
+    assert "Friedman test over N=3 blocks and k=3 penalties" in report
+    for fig in ("cd_diagram.png", "cd_diagram.svg", "death_histograms.png", "correlations.png", "training_curves.png"):
+        assert (out / "figures" / fig).stat().st_size > 1000, fig
+        assert f"figures/{fig}" in report
+    assert '"max_epochs": 2' in report and "| torch |" in report
+    # `report` alone rebuilds it and prints the table
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| network | none | l2 | t1 |" in printed and "report.md" in printed
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    parser = build_parser()
+    for cmd, options in {
+        "reproduce": ["--preset", "--out", "--workers", "--data-dir", "--set", "--alpha"],
+        "sweep": ["--out", "--workers", "--max-runs", "--stale-after"],
+        "report": ["--alpha"],
+        "train": ["--dataset", "--network", "--penalty", "--weight", "--seed", "--lr", "--momentum",
+                  "--nesterov", "--lr-decay", "--decay-steps", "--batch-size", "--patience", "--max-epochs",
+                  "--sampling", "--fraction", "--device", "--checkpoint"],
+        "presets": [],
+    }.items():
+        with pytest.raises(SystemExit):
+            parser.parse_args([cmd, "--help"])
+        text = capsys.readouterr().out
+        for opt in options:
+            assert opt in text, (cmd, opt)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: 0.01)" in text and "(default: 3520)" in text and "(default: 1200)" in text
+
+
+def test_presets_command_and_python_dash_m():
+    res = subprocess.run([sys.executable, "-m", "topodecorr", "presets"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "quick" in res.stdout and "paper-fashion-mnist" in res.stdout and "paper-cifar10" in res.stdout
+
+
+def test_train_single_run(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = main(["train", "--network", "mlp", "--penalty", "t2", "--weight", "0.01", "--max-epochs", "2",
+                 "--probe-batch", "64", "--quiet", "--output", str(out)])
+    assert code == 0
+    assert '"status": "done"' in capsys.readouterr().out
+    assert '"test_acc"' in out.read_text()
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ('dataset = "digits"\npenalties = ["t3"]\n', "unknown penalty 't3'"),
+        ('dataset = "digits"\nweights = [-0.1]\n', "every weight must be > 0"),
+        ('dataset = "imagenet"\n', "unknown dataset 'imagenet'"),
+        ('dataset = "digits"\nnetworks = ["resnet"]\n', "unknown network 'resnet'"),
+        ('dataset = "digits"\n[train]\nmax_epoch = 3\n', "unknown key(s) ['max_epoch']"),
+        ("dataset = \n", "not valid TOML"),
+    ],
+)
+def test_bad_configuration_is_refused_and_results_stay(finished, tmp_path, capsys, toml, message):
+    _, out = finished
+    before = _digest(out)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(toml)
+    assert main(["sweep", str(bad), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("topodecorr: error: ") and message in err
+    assert _digest(out) == before
+
+
+def test_changed_protocol_into_an_existing_sweep_is_refused(finished, tmp_path, capsys):
+    config, out = finished
+    before = _digest(out)
+    code = main(["sweep", str(config), "--out", str(out), "--quiet", "--set", "train.max_epochs=3"])
+    assert code == 2 and "different protocol" in capsys.readouterr().err
+    assert _digest(out) == before
+
+
+def test_unreadable_data_file_gives_a_clear_error(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (data / f"{stem}.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03garbage"))
+    cfg = tmp_path / "f.toml"
+    cfg.write_text('dataset = "fashion-mnist"\nnetworks = ["mlp"]\npenalties = ["none"]\n')
+    code = main(["sweep", str(cfg), "--out", str(tmp_path / "out"), "--data-dir", str(data), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "idx" in err.lower() and str(data) in err
+    assert not (tmp_path / "out" / "results.sqlite").exists()
+
+
+def test_corrupt_database_is_refused_and_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.sqlite").write_bytes(b"garbage, not SQLite" * 100)
+    before = _digest(out)
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    assert main(["sweep", str(config), "--out", str(out), "--quiet"]) == 2
+    assert "not a readable topodecorr results database" in capsys.readouterr().err
+    assert main(["report", str(out)]) == 2
+    assert "left untouched" in capsys.readouterr().err
+    assert _digest(out) == before
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "no results database" in capsys.readouterr().err
