@@ -23,7 +23,7 @@ TINY = {
     "name": "tiny-ray",
     "dataset": "digits",
     "networks": [{"label": "mlp", "model": "mlp", "params": {"hidden": [32, 16]}}],
-    "penalties": ["none", "l2"],
+    "penalties": ["none", "t1"],
     "weights": [1e-2],
     "seeds": [0],
     "train": {"max_epochs": 3, "patience": 5, "probe_batch": 64},
@@ -47,7 +47,7 @@ def killed_once(spec: dict, checkpoint_dir: str) -> dict:
     """Task body: on the first attempt of the ``t1`` run SIGKILL the worker mid-run, after an epoch's
     checkpoint; every other attempt (Ray's retry included) is a plain :func:`execute_run`."""
     marker = Path(checkpoint_dir).parent / f"killed-{checkpoint_name(RunSpec.from_dict(spec))}"
-    if spec["penalty"] != "l2" or marker.exists():
+    if spec["penalty"] != "t1" or marker.exists():
         return execute_run(spec, checkpoint_dir)
 
     def die(record: dict) -> None:
@@ -95,7 +95,7 @@ def test_ray_sweep_matches_local_and_survives_a_killed_worker(tmp_path, local_ra
         torch.set_num_threads(threads)
 
     killed = list((tmp_path / "ray").glob("killed-*"))
-    assert len(killed) == 1 and "l2" in killed[0].name  # the t1 run's first worker really died
+    assert len(killed) == 1 and "t1" in killed[0].name  # the t1 run's first worker really died
 
     ray_rows, local_rows = _rows(tmp_path / "ray" / DB_NAME), _rows(tmp_path / "local" / DB_NAME)
     assert ray_rows.keys() == local_rows.keys()
@@ -106,7 +106,7 @@ def test_ray_sweep_matches_local_and_survives_a_killed_worker(tmp_path, local_ra
         assert ray_row == local_row, key  # bit-identical metrics, curves and deaths
         assert local_resumed is None
         # the killed run resumed from the checkpoint of the epoch it died after
-        assert ray_resumed == (KILL_AFTER_EPOCH + 1 if key[1] == "l2" else None)
+        assert ray_resumed == (KILL_AFTER_EPOCH + 1 if key[1] == "t1" else None)
     assert not list((tmp_path / "ray" / "checkpoints").glob("*.pt"))  # the driver removed finished checkpoints
 
 
