@@ -199,9 +199,9 @@ def correlation_deaths(
     gram_block : int, optional
         Block width for computing only the upper half of the correlation
         product (symmetry); ``None`` picks a measured default: blocks of 512
-        when ``B >= 512`` and ``n >= 2048``, else one full product (with
-        ``B = 256`` the transposed copy of the lower half costs more than the
-        flops it saves; see BENCHMARKS.md, "Kernels").
+        when ``n >= 2048`` and either ``B >= 512`` or torch runs one CPU thread,
+        else one full product (the transposed copy of the lower half does not
+        speed up with threads, the product does; see BENCHMARKS.md, "Kernels").
 
     Returns
     -------
@@ -226,7 +226,8 @@ def correlation_deaths(
         with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
             zd = z.detach()
             if gram_block is None:
-                gram_block = 512 if (zd.shape[0] >= 512 and n >= 2048) else n
+                wide = zd.shape[0] >= 512 or (zd.device.type == "cpu" and torch.get_num_threads() == 1)
+                gram_block = 512 if (wide and n >= 2048) else n
             C = zd.T @ zd if gram_block >= n else _upper_gram(zd, gram_block)
             edges = mst_edges(C, abs_corr=True, backend=backend)
     else:
