@@ -183,3 +183,42 @@ def prim_abs_max(C: np.ndarray) -> np.ndarray:
     """
     Ci, consts = _bits(C)
     return _prim(Ci, _MODE_ABS_MAX, consts)
+
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath={"nnan", "ninf", "nsz"})
+def _max_asymmetry(A, tile):  # pragma: no cover - compiled
+    """max |A[i, j] - A[j, i]| over a matrix known to be finite, tile by tile."""
+    n = A.shape[0]
+    buf = np.empty((tile, tile), dtype=A.dtype)
+    asym = A[0, 0] - A[0, 0]
+    for i0 in range(0, n, tile):
+        i1 = min(i0 + tile, n)
+        for j0 in range(i0, n, tile):
+            j1 = min(j0 + tile, n)
+            # transpose the mirror tile into a small buffer, then compare row against row
+            for j in range(j0, j1):
+                for i in range(i0, i1):
+                    buf[i - i0, j - j0] = A[j, i]
+            for i in range(i0, i1):
+                row = A[i, j0:j1]
+                b = buf[i - i0, : j1 - j0]
+                for k in range(j1 - j0):
+                    asym = max(asym, abs(row[k] - b[k]))
+    return asym
+
+
+def matrix_stats(A: np.ndarray) -> tuple[bool, float, float, float]:
+    """``(all finite, min, max, max |A - A.T|)`` of a square float matrix, without temporaries.
+
+    min and max in one NumPy pass (they propagate NaN and see inf, so they
+    double as the finiteness test); the asymmetry, only for a finite matrix,
+    in one tiled pass that reads each mirror tile through a small transposed
+    buffer, so the transposed reads stay in cache. Returns ``nan`` for the
+    asymmetry of a non-finite matrix.
+    """
+    A = np.ascontiguousarray(A)
+    lo = float(A.min())
+    hi = float(A.max())
+    finite = bool(np.isfinite(lo) and np.isfinite(hi))
+    asym = float(_max_asymmetry(A, 64)) if finite else float("nan")
+    return finite, lo, hi, asym
