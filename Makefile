@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q src tests
 
 demo: $(VENV)/.installed
-	$(PY) examples/death_profile.py
+	$(VENV)/bin/topodecorr reproduce --preset quick
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/kernel.py
