@@ -145,6 +145,11 @@ def write_report(out_dir: str | Path, alpha: float = 0.05) -> tuple[Path, str]:
 
         md.append("## Statistical comparison\n")
         md.append(comp.summary() + "\n")
+        md.append(
+            "Blocks are (network, seed) pairs. Seeds of one network are not independent data sets (the paper "
+            "had one run per network), so with several seeds the p-values are optimistic; the per-network "
+            "means above show how much of a difference is seed noise.\n"
+        )
         for note in comp.notes:
             md.append(f"- {note}")
         md.append("")
