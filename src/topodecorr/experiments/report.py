@@ -239,9 +239,9 @@ def write_report(out_dir: str | Path, alpha: float = 0.05) -> tuple[Path, str]:
                 ep = [r["epoch_s"] for r in rs if r["epoch_s"] is not None]
                 timing_rows.append([
                     p, len(rs), sum(r["status"] == "diverged" for r in rs),
-                    float(np.mean([r["epochs"] or 0 for r in rs])),
-                    float(np.median(ep)) if ep else None,
-                    float(sum(r["wall_s"] or 0 for r in rs)),
+                    f"{np.mean([r['epochs'] or 0 for r in rs]):.1f}",
+                    f"{np.median(ep):.3f}" if ep else None,
+                    f"{sum(r['wall_s'] or 0 for r in rs):.1f}",
                 ])
         md.append(markdown_table(["penalty", "runs", "diverged", "mean epochs", "median epoch s", "total wall s"], timing_rows) + "\n")
         bad = [r for r in runs if r["status"] in ("diverged", "failed")]
