@@ -25,6 +25,7 @@ A module called several times in one forward contributes one layer per call.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 
 import torch
@@ -107,8 +108,8 @@ class Decorrelation:
     sampling : {"all", "importance", "fixed", "random"}
     fraction : float
         p for importance sampling (the paper: 1.0 for MLPs, 0.005 for CNNs).
-    count : int, optional
-        Neurons per hidden layer for ``"fixed"`` / ``"random"``.
+    per_layer_count : int, optional
+        Neurons per hidden layer for ``"fixed"`` / ``"random"`` (alias: ``count``).
     pooled : bool
         One point cloud for all layers (the paper) or one per layer, summed.
     mode : {"flatten", "channel"}
@@ -136,6 +137,8 @@ class Decorrelation:
         Also capture when the model is in ``eval()`` mode.
     backend : str
         MST kernel (see :func:`topodecorr.mst_deaths`).
+    count : int, optional
+        Alias of ``per_layer_count``.
 
     Examples
     --------
@@ -159,7 +162,7 @@ class Decorrelation:
         dissimilarity: str = "abs",
         sampling: str = "all",
         fraction: float = 1.0,
-        count: int | None = None,
+        per_layer_count: int | None = None,
         pooled: bool = True,
         mode: str = "flatten",
         every: int = 1,
@@ -170,13 +173,21 @@ class Decorrelation:
         on_nonfinite: str = "raise",
         capture_in_eval: bool = False,
         backend: str = "auto",
+        count: int | None = None,
     ):
+        if count is not None and per_layer_count is not None and count != per_layer_count:
+            raise ValueError("pass per_layer_count or its alias count, not both")
+        count = per_layer_count if per_layer_count is not None else count
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if penalty not in PENALTIES:
             raise ValueError(f"unknown penalty {penalty!r}; choose one of {PENALTIES}")
-        if not (isinstance(weight, (int, float)) and weight >= 0):
-            raise ValueError(f"weight must be a number >= 0, got {weight!r}")
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+            raise ValueError(f"alpha (T2's trade-off) must lie in [0, 1], got {alpha!r}")
+        if count is not None and not (isinstance(count, int) and count >= 1):
+            raise ValueError(f"per_layer_count must be a positive number of neurons per layer, got {count!r}")
         if dissimilarity not in ("abs", "sqrt"):
             raise ValueError(f"unknown dissimilarity {dissimilarity!r}; choose 'abs' or 'sqrt'")
         if sampling not in SAMPLINGS:
@@ -184,7 +195,7 @@ class Decorrelation:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
         if sampling == "fixed" and count is None:
-            raise ValueError("sampling='fixed' needs count=<neurons per hidden layer>")
+            raise ValueError("sampling='fixed' needs per_layer_count=<neurons per hidden layer>")
         if mode not in ("flatten", "channel"):
             raise ValueError(f"unknown mode {mode!r}; choose 'flatten' or 'channel'")
         for name, k in (("every", every), ("refresh_every", refresh_every)):
@@ -240,6 +251,9 @@ class Decorrelation:
 
     def _output_hook(self, module, inputs, output):
         if self._active() and isinstance(output, torch.Tensor):
+            # the last hooked module may produce the model output itself (a Sequential ending
+            # in a hooked Linear): count that tensor once, as the output layer
+            self._captured = [(i, t) for i, t in self._captured if t is not output]
             self._output = output
 
     def attach(self) -> "Decorrelation":
@@ -296,6 +310,8 @@ class Decorrelation:
             is_output = [False] * len(acts)
             if self._output is not None:
                 is_output[-1] = True
+            if not bool(torch.stack([torch.isfinite(a.detach()).all() for a in acts]).all()):
+                return self._nonfinite("the captured activations are not finite (NaN or inf)")
             acts = self._gather(acts)
             return self._compute(acts, is_output)
         finally:
@@ -346,16 +362,20 @@ class Decorrelation:
             self._cache_indices, self._cache_edges, self._cache_shape = res.indices, res.edges, shape
         value = res.value
         if not bool(torch.isfinite(value)):
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(
-                    f"the {self.penalty_name} penalty is {value.item()} at step {self.step}; the activations or "
-                    "weights are probably diverging (lower the learning rate or the weight), or pass "
-                    "on_nonfinite='skip' to skip such steps and count them"
-                )
-            self.skipped += 1
-            value = self._zero()
+            return self._nonfinite(f"the {self.penalty_name} penalty is {value.item()}")
         self._last = (self.step, res)
         return value
+
+    def _nonfinite(self, what: str) -> torch.Tensor:
+        """Raise FloatingPointError, or (on_nonfinite="skip") count the step and return 0."""
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(
+                f"{what} at step {self.step}; the activations or weights are probably diverging "
+                "(lower the learning rate or the weight), or pass on_nonfinite='skip' to skip such "
+                "steps and count them"
+            )
+        self.skipped += 1
+        return self._zero()
 
     # -- statistics ------------------------------------------------------------
     @property
