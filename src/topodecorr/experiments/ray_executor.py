@@ -122,13 +122,16 @@ class RayExecutor:
         if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
             raise ValueError(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
         ray = require_ray()
+        from .sweep import cpu_count
+
         self._ray = ray
         self._owns_ray = False
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-            if address is None:
-                kwargs["num_cpus"] = local_cpus if local_cpus is not None else os.cpu_count()
-            else:
+            kwargs: dict[str, Any] = {"log_to_driver": True}
+            if address is None:  # a private instance: no dashboard (no open port), this machine's CPUs
+                kwargs.update(include_dashboard=False,
+                              num_cpus=local_cpus if local_cpus is not None else cpu_count())
+            else:  # a running cluster brings its own resources and settings
                 kwargs["address"] = address
             kwargs.update(init_kwargs or {})
             ray.init(**kwargs)
