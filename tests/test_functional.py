@@ -1,0 +1,89 @@
+"""decorrelation_penalty: the one pipeline (sample -> correlation deaths -> penalty) without hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import topodecorr as td
+from topodecorr.functional import flatten_activation
+
+
+def _reference(acts, penalty, kind="abs", alpha=0.5):
+    x = torch.cat(acts, 1)
+    D = td.dissimilarity(td.correlation(x), kind)
+    d = td.mst_deaths(D, backend="numpy").deaths
+    return td.t1(d) if penalty == "t1" else td.t2(d, alpha=alpha)
+
+
+@pytest.mark.parametrize("penalty", ["t1", "t2"])
+@pytest.mark.parametrize("kind", ["abs", "sqrt"])
+def test_matches_explicit_pipeline_value_and_gradient(penalty, kind):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 12, generator=g, dtype=torch.float64).relu().requires_grad_()
+    b = torch.randn(30, 4, generator=g, dtype=torch.float64).requires_grad_()
+    p = td.decorrelation_penalty([a, b], penalty, weight=2.0, dissimilarity=kind, alpha=0.3)
+    ga, gb = torch.autograd.grad(p, [a, b])
+    q = 2.0 * _reference([a, b], penalty, kind, alpha=0.3)
+    ha, hb = torch.autograd.grad(q, [a, b])
+    torch.testing.assert_close(p, q)
+    torch.testing.assert_close(ga, ha)
+    torch.testing.assert_close(gb, hb)
+
+
+def test_gradient_matches_finite_differences():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(16, 6, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: td.decorrelation_penalty([x], "t1"), (a,), eps=1e-7, atol=1e-5)
+
+
+def test_importance_sampling_uses_same_neurons_for_every_penalty():
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(40, 100, generator=g) * torch.linspace(0.1, 2, 100)
+    out = torch.randn(40, 5, generator=g)
+    top = h.abs().mean(0).topk(10).indices.sort().values
+    ref_x = torch.cat([h[:, top], out], 1)
+    for pen, ref in (
+        ("t1", _reference([ref_x], "t1")),
+        ("mean_abs_corr", td.mean_abs_correlation(td.correlation(ref_x))),
+        ("decov", td.decov(ref_x)),
+    ):
+        res = td.decorrelation_penalty([h, out], pen, sampling="importance", fraction=0.1, return_result=True)
+        torch.testing.assert_close(res.value, ref)
+        assert res.neurons == 15
+
+
+def test_per_layer_sums_and_none_is_zero_with_graph():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(20, 7, generator=g), torch.randn(20, 3, generator=g)
+    p = td.decorrelation_penalty([a, b], "t2", pooled=False)
+    torch.testing.assert_close(p, _reference([a], "t2") + _reference([b], "t2"))
+    z = td.decorrelation_penalty([a.requires_grad_(), b], "none")
+    assert float(z.detach()) == 0.0 and z.requires_grad
+
+
+def test_edges_reuse_recomputes_deaths_on_old_tree():
+    g = torch.Generator().manual_seed(4)
+    a, a2 = torch.randn(20, 9, generator=g), torch.randn(20, 9, generator=g)
+    r = td.decorrelation_penalty([a], "t1", return_result=True)
+    r2 = td.decorrelation_penalty([a2], "t1", indices=r.indices, edges=r.edges, return_result=True)
+    D2 = td.dissimilarity(td.correlation(a2))
+    e = r.edges[0]
+    torch.testing.assert_close(r2.deaths[0].sort().values, D2[e[:, 0], e[:, 1]].sort().values)
+    # a stale tree weighs at least the exact MST: T1 on it is at most the exact T1
+    assert float(r2.value) <= float(_reference([a2], "t1")) + 1e-6
+
+
+def test_flatten_modes_and_errors():
+    x = torch.arange(2 * 3 * 2 * 2.0).reshape(2, 3, 2, 2)
+    assert flatten_activation(x).shape == (2, 12)
+    c = flatten_activation(x, "channel")
+    assert c.shape == (8, 3) and torch.equal(c[:, 1], x[:, 1].reshape(-1))
+    with pytest.raises(ValueError, match="batch dimension"):
+        flatten_activation(torch.ones(3))
+    with pytest.raises(ValueError, match="batch size"):
+        td.decorrelation_penalty([torch.ones(3, 2), torch.ones(4, 2)])
+    with pytest.raises(ValueError, match="no activations"):
+        td.decorrelation_penalty([])
+    with pytest.raises(ValueError, match="unknown penalty"):
+        td.decorrelation_penalty([torch.randn(4, 3)], "t9")
