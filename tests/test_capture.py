@@ -380,3 +380,52 @@ def test_compiled_model_hooks_still_capture():
         cm(x)
         p = reg.penalty()
     torch.testing.assert_close(p, ref)
+
+
+def test_compiled_wrapper_is_unwrapped_and_nonfinite_activations_raise():
+    torch.manual_seed(11)
+    m = _mlp()
+    x = torch.randn(16, 5)
+    with td.Decorrelation(m, weight=1.0) as reg:
+        m(x)
+        ref = reg.penalty()
+    try:
+        cm = torch.compile(m, backend="eager")
+        with td.Decorrelation(cm, weight=1.0) as reg:  # hooks go on cm._orig_mod
+            assert reg.model is m
+            cm(x)
+            p = reg.penalty()
+    except Exception as e:  # pragma: no cover - compile unsupported here
+        pytest.skip(f"torch.compile unavailable: {e}")
+    torch.testing.assert_close(p, ref)
+    with torch.no_grad():
+        m[0].weight[0, 0] = float("inf")
+    with td.Decorrelation(m) as reg:  # diverged activations: FloatingPointError, not a ValueError
+        m(x.abs() + 0.1)
+        with pytest.raises(FloatingPointError, match="not finite"):
+            reg.penalty()
+        assert reg._captured == []
+
+
+def test_transformer_block_auto_layers_match_own_hooks():
+    torch.manual_seed(12)
+    block = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    seen = {}
+    for name in ("linear1", "linear2"):
+        block.get_submodule(name).register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(name, o))
+    x = torch.randn(24, 5, 8)
+    with td.Decorrelation(block, penalty="t2", weight=0.5) as reg:
+        names = {n for n, mod in block.named_modules() if any(mod is r for r in reg.modules)}
+        assert names == {"self_attn.out_proj", "linear1", "linear2"}  # out_proj never fires
+        out = block(x)
+        assert [t.shape for _, t in reg._captured] == [(24, 5, 16), (24, 5, 8)]
+        p = reg.penalty()
+    grads = torch.autograd.grad(p, list(block.parameters()), retain_graph=True, allow_unused=True)
+    ref = explicit_penalty([seen["linear1"], seen["linear2"], out], "t2", weight=0.5)
+    ref_grads = torch.autograd.grad(ref, list(block.parameters()), allow_unused=True)
+    torch.testing.assert_close(p, ref)
+    for a, b in zip(grads, ref_grads):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -20,6 +20,26 @@ Layer selection with ``layers="auto"``:
 ``layers`` may also be a list of modules, or of ``fnmatch`` patterns matched
 against ``model.named_modules()`` names (e.g. ``["encoder.*.relu", "head"]``).
 A module called several times in one forward contributes one layer per call.
+
+What ``layers="auto"`` captures in ``nn.TransformerEncoderLayer``: its
+nonlinearity is functional, so every ``nn.Linear`` is hooked: ``linear1``
+(the feed-forward block's hidden units, before the activation), ``linear2``
+and the block's output, each flattened over (sequence, features).
+``self_attn.out_proj`` is hooked too but never fires: ``nn.MultiheadAttention``
+uses its weights without calling it. Pass ``layers=`` to choose otherwise.
+
+Non-finite values: captured activations with NaN / inf, or a non-finite
+penalty, raise ``FloatingPointError`` (the run is diverging); with
+``on_nonfinite="skip"`` the step's penalty is 0 (no gradient) and
+:attr:`Decorrelation.skipped` counts it. Nothing is silently zeroed.
+
+``torch.compile``: hooks on the modules inside a compiled model are honoured
+by dynamo (it traces them into the graph), so
+``Decorrelation(torch.compile(model))`` and ``Decorrelation(model)`` used with
+the compiled ``torch.compile(model)`` both capture the training forward pass;
+given the compiled wrapper, the hooks are put on the module it wraps
+(``_orig_mod``). Attaching or removing hooks after the first compiled call
+triggers a recompilation (dynamo guards on the hooks).
 """
 
 from __future__ import annotations
@@ -205,6 +225,11 @@ class Decorrelation:
             raise ValueError(f"distributed must be 'global' or 'local', got {distributed!r}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        # torch.compile's wrapper: hooks go on the module it compiled (dynamo honours hooks
+        # on the inner modules; a forward hook on the wrapper itself breaks its tracing)
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
         self.model = model
         self.penalty_name = penalty
         self.weight = float(weight)
