@@ -1,59 +1,81 @@
-"""Global-batch penalty under DDP: two gloo processes equal one process on the concatenated batch.
+"""Decorrelation under DistributedDataParallel: two CPU processes on gloo.
 
-Rank r holds batch shard x_r; with ``distributed="global"`` every rank gathers all
-shards (with gradient) and computes the penalty P(x_0 ++ x_1). Each rank's
-activations then receive world_size * dP/dx_r through the gather's backward,
-and DDP *averages* parameter gradients over ranks, which divides that factor
-back out: the DDP parameter gradient of the penalty equals the single-process
-gradient of P on the concatenated batch (no 1/world_size factor).
+* ``distributed="global"``: every rank's penalty equals one process's penalty
+  on the concatenated batch, and the parameter gradients after DDP's
+  averaging equal the single-process gradients (penalty alone, and task loss
+  + penalty). This also checks the gradient factor argued in
+  ``topodecorr.distributed``: the gather's backward sums world_size copies of
+  the penalty's gradient, DDP divides by world_size.
+* ``distributed="local"``: each rank's penalty is the penalty of its own shard,
+  and the averaged gradient is the mean of the per-shard gradients.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import time
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 import topodecorr as td
-from topodecorr import distributed as tdd
 
+TIMEOUT_S = 120  # a hung collective fails the test instead of hanging the suite
 WORLD = 2
+B = 24  # per rank
+
+WORKER = r"""
+import sys, torch
+import torch.distributed as dist
+import torch.nn.functional as F
+torch.set_num_threads(1)
+import topodecorr as td
+from torch.nn.parallel import DistributedDataParallel as DDP
+sys.path.insert(0, sys.argv[2])
+from test_distributed import make_model, make_data, B
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=int(sys.argv[3]), world_size=2)
+rank = dist.get_rank()
+x, y = make_data()
+xs, ys = x[rank * B:(rank + 1) * B], y[rank * B:(rank + 1) * B]
+out = {}
+for mode in ("global", "local"):
+    for task in (False, True):
+        for penalty in ("t1", "t2", "mean_abs_corr"):
+            model = DDP(make_model())
+            with td.Decorrelation(model, penalty=penalty, weight=0.7, distributed=mode) as reg:
+                logits = model(xs)
+                p = reg.penalty()
+                loss = p + (F.cross_entropy(logits, ys) if task else 0.0 * logits.sum())
+                loss.backward()
+            out[(mode, task, penalty)] = (p.detach(), [q.grad.clone() for q in model.parameters()])
+torch.save(out, sys.argv[4] + "." + str(rank))
+dist.destroy_process_group()
+"""
 
 
-def _model():
+def make_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 3))
+    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
-def _data():
+def make_data():
     g = torch.Generator().manual_seed(1)
-    return torch.randn(WORLD * 10, 5, generator=g)
+    return torch.randn(WORLD * B, 6, generator=g), torch.randint(0, 3, (WORLD * B,), generator=g)
 
 
-def _worker(rank, port, out_dir, mode):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=__import__("datetime").timedelta(seconds=60))
-    try:
-        model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        x = _data().chunk(WORLD)[rank]
-        with td.Decorrelation(model, penalty="t1", weight=1.0, distributed=mode) as reg:
-            ddp(x)
-            p = reg.penalty()
-            p.backward()
-        torch.save(
-            {"p": p.detach(), "grads": [q.grad.clone() for q in model.parameters()]},
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
-    finally:
-        dist.destroy_process_group()
+def _single(x, y, penalty, task):
+    model = make_model()
+    with td.Decorrelation(model, penalty=penalty, weight=0.7) as reg:
+        logits = model(x)
+        p = reg.penalty()
+        loss = p + (F.cross_entropy(logits, y) if task else 0.0 * logits.sum())
+        loss.backward()
+    return p.detach(), [q.grad.clone() for q in model.parameters()]
 
 
 def _free_port() -> int:
@@ -62,40 +84,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp_path, mode):
-    ctx = mp.spawn(_worker, args=(_free_port(), str(tmp_path), mode), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 90
-    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):  # False until every worker has ended
-        if time.monotonic() > deadline:  # pragma: no cover - hang guard
-            for p in ctx.processes:
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    tmp = tmp_path_factory.mktemp("ddp")
+    port = str(_free_port())
+    here = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, port, here, str(r), str(tmp / "res")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for r in range(WORLD)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
                 p.kill()
-            pytest.fail("DDP workers did not finish in 90 s")
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert [p.returncode for p in procs] == [0] * WORLD, "\n".join(logs)[-3000:]
+    return [torch.load(tmp / f"res.{r}") for r in range(WORLD)]
 
 
-def _single(x):
-    model = _model()
-    with td.Decorrelation(model, penalty="t1", weight=1.0) as reg:
-        model(x)
-        p = reg.penalty()
-        p.backward()
-    return p.detach(), [q.grad.clone() for q in model.parameters()]
+@pytest.mark.parametrize("task", [False, True], ids=["penalty", "task+penalty"])
+@pytest.mark.parametrize("penalty", ["t1", "t2", "mean_abs_corr"])
+def test_global_mode_equals_one_process_on_the_global_batch(ddp_results, penalty, task):
+    x, y = make_data()
+    ref_p, ref_g = _single(x, y, penalty, task)
+    assert any(float(g.abs().max()) > 0 for g in ref_g)
+    for r in range(WORLD):
+        p, g = ddp_results[r][("global", task, penalty)]
+        torch.testing.assert_close(p, ref_p, rtol=1e-5, atol=1e-6)
+        for a, b in zip(g, ref_g):
+            # a missing or doubled world-size factor would be off by 2x
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-def test_global_batch_penalty_and_gradients_equal_single_process(tmp_path):
-    res = _run(tmp_path, "global")
-    p_ref, g_ref = _single(_data())
-    for r in res:
-        torch.testing.assert_close(r["p"], p_ref, rtol=1e-5, atol=1e-6)
-        for a, b in zip(r["grads"], g_ref):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * (1 + float(b.abs().max())))
-    # sanity: the per-rank ("local") penalties differ from the global one
-    p_local = [_single(xr)[0] for xr in _data().chunk(WORLD)]
-    assert all(abs(float(pl) - float(p_ref)) > 1e-4 for pl in p_local)
+@pytest.mark.parametrize("task", [False, True], ids=["penalty", "task+penalty"])
+@pytest.mark.parametrize("penalty", ["t1", "t2", "mean_abs_corr"])
+def test_local_mode_is_per_rank(ddp_results, penalty, task):
+    x, y = make_data()
+    shards = [_single(x[r * B:(r + 1) * B], y[r * B:(r + 1) * B], penalty, task) for r in range(WORLD)]
+    mean_g = [sum(s[1][k] for s in shards) / WORLD for k in range(len(shards[0][1]))]
+    for r in range(WORLD):
+        p, g = ddp_results[r][("local", task, penalty)]
+        torch.testing.assert_close(p, shards[r][0], rtol=1e-5, atol=1e-6)
+        for a, b in zip(g, mean_g):  # DDP averages the per-rank gradients
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(ddp_results[0][("local", task, penalty)][0], ddp_results[1][("local", task, penalty)][0])
+    # and neither is the global-batch penalty
+    glob = ddp_results[0][("global", task, penalty)][0]
+    assert all(abs(float(s[0]) - float(glob)) > 1e-4 for s in shards)
 
 
 def test_gather_is_identity_without_process_group():
-    x = torch.randn(4, 3)
-    assert not tdd.is_distributed()
-    assert tdd.gather_activations(x) is x
+    from topodecorr.distributed import gather_activations, is_distributed
+
+    assert not is_distributed()
+    a = torch.randn(4, 3)
+    assert gather_activations(a) is a
