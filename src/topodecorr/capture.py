@@ -335,10 +335,15 @@ class Decorrelation:
             is_output = [False] * len(acts)
             if self._output is not None:
                 is_output[-1] = True
-            if not bool(torch.stack([torch.isfinite(a.detach()).all() for a in acts]).all()):
-                return self._nonfinite("the captured activations are not finite (NaN or inf)")
             acts = self._gather(acts)
-            return self._compute(acts, is_output)
+            try:
+                return self._compute(acts, is_output)
+            except ValueError:
+                # the correlation refuses NaN / inf activations; report those as divergence
+                # (checked only here, so a healthy step pays no extra pass over the activations)
+                if all(bool(torch.isfinite(a.detach()).all()) for a in acts):
+                    raise
+                return self._nonfinite("the captured activations are not finite (NaN or inf)")
         finally:
             self.step += 1
             self._release()

@@ -37,14 +37,28 @@ TOPOLOGICAL = ("t1", "t2")
 
 @dataclass
 class PenaltyResult:
-    """The weighted penalty and what produced it (one entry per point cloud)."""
+    """The weighted penalty and what produced it (one entry per point cloud).
+
+    ``dead`` (the number of neurons constant over the batch, a 0-dim tensor)
+    is computed on first access from the detached point clouds kept in
+    ``groups``, so a training step that never logs it does not pay for it.
+    """
 
     value: torch.Tensor
     deaths: list[torch.Tensor] = field(default_factory=list)
     edges: list[torch.Tensor] = field(default_factory=list)
     indices: list[list[torch.Tensor | None]] = field(default_factory=list)
     neurons: int = 0
-    dead: torch.Tensor | None = None
+    groups: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _dead: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def dead(self) -> torch.Tensor | None:
+        """Number of constant (dead) neurons over all point clouds, or None without clouds."""
+        if self._dead is None and self.groups:
+            with torch.no_grad():
+                self._dead = torch.stack([normalize_activations(g)[1].sum() for g in self.groups]).sum()
+        return self._dead
 
 
 def flatten_activation(x: torch.Tensor, mode: str = "flatten") -> torch.Tensor:
@@ -173,6 +187,4 @@ def decorrelation_penalty(
     value = weight * torch.stack([v.float() if v.dtype != torch.float64 else v for v in values]).sum()
     if not return_result:
         return value
-    with torch.no_grad():
-        dead = torch.stack([normalize_activations(g.detach())[1].sum() for g in groups]).sum()
-    return PenaltyResult(value, deaths, trees, [sel], sum(g.shape[1] for g in groups), dead)
+    return PenaltyResult(value, deaths, trees, [sel], sum(g.shape[1] for g in groups), [g.detach() for g in groups])
