@@ -1,4 +1,4 @@
-"""The examples run end to end in their reduced (--quick) form and print a comparison."""
+"""The example scripts run in their reduced (--quick) form and produce sensible numbers."""
 
 from __future__ import annotations
 
@@ -7,35 +7,51 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _load(name: str):
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models: one torch thread (thread teams only stall on a loaded shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _load(name):
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-@pytest.mark.parametrize(
-    "name, metric, lo, hi",
-    [
-        ("classification", "accuracy", 0.0, 1.0),
-        ("regression", "test_mse", 0.0, 1.5),  # in target variances
-        ("autoencoder", "test_mse", 0.0, 0.2),
-    ],
-)
-def test_example_quick(name, metric, lo, hi, capsys):
-    pytest.importorskip("sklearn")
-    results = _load(name).main(["--quick"])
-    out = capsys.readouterr().out
-    assert set(results) == {"plain", "t1"}
-    assert "plain" in out and "t1" in out
-    for run in results.values():
-        assert all(math.isfinite(v) for v in run.values())
-        assert lo <= run[metric] <= hi
-    if name == "classification":  # 5 epochs without the regulariser beat chance (0.1) by far
-        assert results["plain"]["accuracy"] > 0.5
-    # the regulariser changed training (same seed and batches otherwise)
-    assert results["plain"][metric] != results["t1"][metric]
+def test_classification_quick(capsys):
+    res = _load("classification").main(["--quick"])
+    assert set(res) == {"plain", "t1"}
+    for r in res.values():
+        assert r["accuracy"] > 0.5  # 10 classes: chance is 0.1
+    # T1 raises the deaths of the network's neurons
+    assert res["t1"]["mean_death"] > res["plain"]["mean_death"]
+    assert res["t1"]["last_stats"].neurons == 128 + 64 + 10
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_regression_quick():
+    res = _load("regression").main(["--quick"])
+    for r in res.values():
+        assert math.isfinite(r["mse"]) and r["mse"] < 2.0
+    assert res["plain"]["last_stats"].neurons == 64 + 32 + 1
+
+
+def test_autoencoder_quick(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "samples.png"
+    res = _load("autoencoder").main(["--quick", "--samples", str(out)])
+    for r in res.values():
+        assert 0 < r["mse"] < 0.2
+    assert res["t1"]["last_stats"].neurons == 12  # the code layer only
+    assert res["t1"]["mean_death"] > res["plain"]["mean_death"]
+    assert out.stat().st_size > 1000
