@@ -28,6 +28,17 @@ and the block's output, each flattened over (sequence, features).
 ``self_attn.out_proj`` is hooked too but never fires: ``nn.MultiheadAttention``
 uses its weights without calling it. Pass ``layers=`` to choose otherwise.
 
+Activations accumulate from every forward pass (training mode, gradients
+enabled) until the next :meth:`Decorrelation.penalty`, which uses and then
+releases them; run any extra forward (logging, a reference) under
+``torch.no_grad()`` or in ``eval()`` so that it is not captured.
+
+Mixed precision: under ``torch.autocast`` the captured tensors may be
+float16 / bfloat16; correlations, deaths and the returned penalty are
+float32. Under DDP see :mod:`topodecorr.distributed` (``distributed="global"``
+gives every rank the penalty of the global batch, with the single-process
+gradient after DDP's averaging).
+
 Non-finite values: captured activations with NaN / inf, or a non-finite
 penalty, raise ``FloatingPointError`` (the run is diverging); with
 ``on_nonfinite="skip"`` the step's penalty is 0 (no gradient) and
