@@ -216,7 +216,8 @@ def correlation_deaths(
         This is an approximation once the activations have moved.
     gram_block : int, optional
         Block width for computing only the upper half of the correlation
-        product (symmetry); ``None`` picks a measured default: blocks of 512
+        product (symmetry) with torch; ``None`` picks a measured default: on the
+        CPU, NumPy's ``A.T @ A`` (BLAS syrk, upper half only); elsewhere blocks of 512
         when ``n >= 2048`` and either ``B >= 512`` or torch runs one CPU thread,
         else one full product (the transposed copy of the lower half does not
         speed up with threads, the product does; see BENCHMARKS.md, "Kernels").
@@ -243,10 +244,18 @@ def correlation_deaths(
     if edges is None:
         with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
             zd = z.detach()
-            if gram_block is None:
+            if gram_block is None and zd.device.type == "cpu":
+                # NumPy sends A^T A (same buffer, transposed) to BLAS syrk: half the flops and an
+                # exactly symmetric result; measured 3-4x faster than torch's mm at n = 1010,
+                # B = 256 on one thread (BENCHMARKS.md, "Training overhead").
+                a = zd.contiguous().numpy()
+                C = torch.from_numpy(a.T @ a)
+                gram_block = -1
+            elif gram_block is None:
                 wide = zd.shape[0] >= 512 or (zd.device.type == "cpu" and torch.get_num_threads() == 1)
                 gram_block = 512 if (wide and n >= 2048) else n
-            C = zd.T @ zd if gram_block >= n else _upper_gram(zd, gram_block)
+            if gram_block != -1:
+                C = zd.T @ zd if gram_block >= n else _upper_gram(zd, gram_block)
             edges = mst_edges(C, abs_corr=True, backend=backend)
     else:
         if edges.shape != (n - 1, 2):
