@@ -49,8 +49,9 @@ by dynamo (it traces them into the graph), so
 ``Decorrelation(torch.compile(model))`` and ``Decorrelation(model)`` used with
 the compiled ``torch.compile(model)`` both capture the training forward pass;
 given the compiled wrapper, the hooks are put on the module it wraps
-(``_orig_mod``). Attaching or removing hooks after the first compiled call
-triggers a recompilation (dynamo guards on the hooks).
+(``_orig_mod``). Hooks attached or removed after the first compiled call are
+honoured too (checked with the "eager" and "inductor" backends: after
+``close()`` the compiled model captures nothing); expect a recompilation then.
 """
 
 from __future__ import annotations
