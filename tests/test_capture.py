@@ -429,3 +429,23 @@ def test_transformer_block_auto_layers_match_own_hooks():
             assert a is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_before_attach_is_not_seen_until_dynamo_reset():
+    torch.manual_seed(13)
+    m = _mlp()
+    x = torch.randn(16, 5)
+    try:
+        torch._dynamo.reset()
+        cm = torch.compile(m, backend="eager")
+        cm(x)  # compiled without hooks
+    except Exception as e:  # pragma: no cover - compile unsupported here
+        pytest.skip(f"torch.compile unavailable: {e}")
+    with td.Decorrelation(cm, weight=1.0) as reg:
+        cm(x)
+        with pytest.raises(RuntimeError, match="torch._dynamo.reset"):
+            reg.penalty()
+        torch._dynamo.reset()
+        cm(x)
+        assert torch.isfinite(reg.penalty())
+    torch._dynamo.reset()

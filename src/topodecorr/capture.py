@@ -49,9 +49,12 @@ by dynamo (it traces them into the graph), so
 ``Decorrelation(torch.compile(model))`` and ``Decorrelation(model)`` used with
 the compiled ``torch.compile(model)`` both capture the training forward pass;
 given the compiled wrapper, the hooks are put on the module it wraps
-(``_orig_mod``). Hooks attached or removed after the first compiled call are
-honoured too (checked with the "eager" and "inductor" backends: after
-``close()`` the compiled model captures nothing); expect a recompilation then.
+(``_orig_mod``). **Attach before the first call of the compiled model**:
+hooks attached to a model that was already compiled and run are not seen by
+the cached graph (checked with the "eager" and "inductor" backends of torch
+2.13: nothing is captured and :meth:`Decorrelation.penalty` raises
+``RuntimeError``); ``torch._dynamo.reset()`` after attaching makes them
+count. Removing hooks (``close()``) is honoured: nothing is captured after it.
 """
 
 from __future__ import annotations
@@ -342,7 +345,8 @@ class Decorrelation:
                     raise RuntimeError("Decorrelation is not attached: use `with reg:` or reg.attach()")
                 raise RuntimeError(
                     "no activations were captured: call penalty() after a forward pass in training mode "
-                    "with gradients enabled (or set capture_in_eval=True)"
+                    "with gradients enabled (or set capture_in_eval=True); with torch.compile, attach "
+                    "before the compiled model's first call (or call torch._dynamo.reset() after attaching)"
                 )
             is_output = [False] * len(acts)
             if self._output is not None:
