@@ -61,7 +61,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--weight", type=float, default=1e-2)
     ap.add_argument("--samples", help="save decoded random codes to this PNG (needs matplotlib)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (small models train fastest on one; default 1)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     epochs = 3 if args.quick else args.epochs
     results = {"plain": train("none", 0.0, epochs), "t1": train("t1", args.weight, epochs)}
     for name, r in results.items():

@@ -54,7 +54,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="3 epochs (smoke run)")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--weight", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (small models train fastest on one; default 1)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     epochs = 3 if args.quick else args.epochs
     results = {"plain": train("none", 0.0, epochs), "t2": train("t2", args.weight, epochs)}
     for name, r in results.items():
