@@ -5,7 +5,7 @@ Implements the T1 / T2 regularisers of Ballester, Casacuberta and Escalera,
 differentiable minimum-spanning-tree deaths on CPU and GPU.
 """
 
-from .correlation import correlation, dissimilarity, normalize_activations
+from .correlation import NonFiniteActivationsError, correlation, dissimilarity, normalize_activations
 from .penalties import decov, l1, l2, mean_abs_correlation, t1, t2
 from .persistence import Deaths, correlation_deaths, mst_deaths
 from ._kernels import available_backends
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "Deaths",
+    "NonFiniteActivationsError",
     "Decorrelation",
     "StepStats",
     "decorrelation_penalty",

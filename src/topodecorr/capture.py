@@ -66,6 +66,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .correlation import NonFiniteActivationsError
 from .functional import PENALTIES, TOPOLOGICAL, decorrelation_penalty, flatten_activation
 from .sampling import SAMPLINGS
 
@@ -354,11 +355,7 @@ class Decorrelation:
             acts = self._gather(acts)
             try:
                 return self._compute(acts, is_output)
-            except ValueError:
-                # the correlation refuses NaN / inf activations; report those as divergence
-                # (checked only here, so a healthy step pays no extra pass over the activations)
-                if all(bool(torch.isfinite(a.detach()).all()) for a in acts):
-                    raise
+            except NonFiniteActivationsError:
                 return self._nonfinite("the captured activations are not finite (NaN or inf)")
         finally:
             self.step += 1
@@ -409,6 +406,8 @@ class Decorrelation:
         value = res.value
         if not bool(torch.isfinite(value)):
             return self._nonfinite(f"the {self.penalty_name} penalty is {value.item()}")
+        # keep only detached statistics: the graph of this step is the loss's to free
+        res.deaths = [d.detach() for d in res.deaths]
         self._last = (self.step, res)
         return value
 

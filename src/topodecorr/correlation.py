@@ -24,7 +24,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["normalize_activations", "correlation", "dissimilarity", "DISSIMILARITIES"]
+__all__ = ["NonFiniteActivationsError", "normalize_activations", "correlation", "dissimilarity", "DISSIMILARITIES"]
+
+
+class NonFiniteActivationsError(ValueError, FloatingPointError):
+    """Activations contain NaN or inf.
+
+    A ``ValueError`` (bad input to the statistics) and a ``FloatingPointError``
+    (in a training loop it means divergence), so either kind of handler catches it.
+    """
 
 #: Names accepted by :func:`dissimilarity`.
 DISSIMILARITIES = ("abs", "sqrt")
@@ -90,7 +98,7 @@ def normalize_activations(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     with torch.autocast(device_type=acts.device.type, enabled=False):
         x = acts.to(dtype)
         if not torch.isfinite(x).all():
-            raise ValueError(
+            raise NonFiniteActivationsError(
                 "activations contain NaN or inf; the network diverged or its inputs are not finite "
                 "(check the learning rate and the data) before computing correlations"
             )

@@ -47,7 +47,7 @@ class PenaltyResult:
     value: torch.Tensor
     deaths: list[torch.Tensor] = field(default_factory=list)
     edges: list[torch.Tensor] = field(default_factory=list)
-    indices: list[list[torch.Tensor | None]] = field(default_factory=list)
+    indices: list[torch.Tensor | None] = field(default_factory=list)
     neurons: int = 0
     groups: list[torch.Tensor] = field(default_factory=list, repr=False)
     _dead: torch.Tensor | None = field(default=None, repr=False)
@@ -109,7 +109,7 @@ def decorrelation_penalty(
     pooled: bool = True,
     alpha: float = 0.5,
     generator: torch.Generator | None = None,
-    indices: list[list[torch.Tensor | None]] | None = None,
+    indices: list[torch.Tensor | None] | None = None,
     edges: list[torch.Tensor] | None = None,
     backend: str = "auto",
     return_result: bool = False,
@@ -173,7 +173,7 @@ def decorrelation_penalty(
     if indices is None:
         sel = select_neurons(acts, output_layers, sampling, fraction, count, generator)
     else:
-        sel = indices[0]
+        sel = indices
     picked = [a if i is None else a[:, i] for a, i in zip(acts, sel)]
     groups = [torch.cat(picked, dim=1)] if pooled else picked
     values, deaths, trees = [], [], []
@@ -187,4 +187,4 @@ def decorrelation_penalty(
     value = weight * torch.stack([v.float() if v.dtype != torch.float64 else v for v in values]).sum()
     if not return_result:
         return value
-    return PenaltyResult(value, deaths, trees, [sel], sum(g.shape[1] for g in groups), [g.detach() for g in groups])
+    return PenaltyResult(value, deaths, trees, sel, sum(g.shape[1] for g in groups), [g.detach() for g in groups])
