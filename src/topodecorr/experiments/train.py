@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import topodecorr
+from topodecorr.capture import ACTIVATION_MODULES
+from topodecorr.sampling import select_neurons
 
 from .config import DECORRELATION_PENALTIES, PENALTIES, ConfigError, TrainConfig
 
@@ -57,7 +59,6 @@ __all__ = ["RunSpec", "train_run", "software_versions", "load_checkpoint", "reso
 #: Largest correlation matrix kept for heat maps (neurons); float16 storage.
 CORR_MAX_NEURONS = 192
 
-_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Mish)
 
 
 @dataclass(frozen=True)
@@ -176,22 +177,16 @@ def _probe_activations(model: nn.Module, x: torch.Tensor, sampling: str, fractio
     def hook(_module, _inputs, output):
         captured.append(output.detach().flatten(1))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _ACTIVATIONS)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, ACTIVATION_MODULES)]
     try:
         logits = model(x)
     finally:
         for h in handles:
             h.remove()
-    layers = []
-    for a in captured:
-        if sampling == "importance":
-            k = max(1, int(math.floor(fraction * a.shape[1])))
-            if k < a.shape[1]:
-                idx = a.abs().mean(dim=0).topk(k).indices.sort().values
-                a = a[:, idx]
-        layers.append(a)
-    layers.append(logits.detach().flatten(1))
-    return layers
+    layers = captured + [logits.detach().flatten(1)]
+    # the training API's own sampling rule (output layer whole)
+    picks = select_neurons(layers, [False] * len(captured) + [True], sampling, fraction)
+    return [a if idx is None else a[:, idx] for a, idx in zip(layers, picks)]
 
 
 @torch.no_grad()
