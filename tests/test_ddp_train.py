@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import free_port, wait_all
 import torch
 
 from topodecorr.experiments import ddp
@@ -49,29 +49,15 @@ with open(f"{sys.argv[3]}.{rank}", "w") as fh:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_two(tmp_path: Path, spec: RunSpec, mode: str = "global") -> list[dict]:
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
         cmd = [sys.executable, "-c", WORKER, json.dumps(spec.to_dict()), str(tmp_path / "ddp.pt"),
                str(tmp_path / "result"), mode]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-3000:]
+    wait_all(procs, TIMEOUT_S)
     return [json.loads((tmp_path / f"result.{r}").read_text()) for r in range(2)]
 
 
@@ -133,7 +119,7 @@ def test_torchrun_cli_trains_one_configuration(tmp_path):
     args = ["train", "--dataset", "digits", "--network", "mlp", "--param", "hidden=[48, 24]", "--penalty", "t1",
             "--weight", "0.05", "--seed", "3", "--max-epochs", "2", "--patience", "5", "--probe-batch", "64",
             "--device", "cpu", "--quiet"]
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+    cmd = [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            "-m", "topodecorr", *args, "--output", str(tmp_path / "out.json"), "--checkpoint", str(tmp_path / "c.pt")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)

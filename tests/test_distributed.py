@@ -13,12 +13,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import free_port, wait_all
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,12 +78,6 @@ def _single(x, y, penalty, task):
     return p.detach(), [q.grad.clone() for q in model.parameters()]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     import torch.distributed as dist
@@ -91,7 +85,7 @@ def ddp_results(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     tmp = tmp_path_factory.mktemp("ddp")
-    port = str(_free_port())
+    port = str(free_port())
     here = str(Path(__file__).resolve().parent)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [
@@ -101,15 +95,7 @@ def ddp_results(tmp_path_factory):
         )
         for r in range(WORLD)
     ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0] * WORLD, "\n".join(logs)[-3000:]
+    wait_all(procs, TIMEOUT_S)
     return [torch.load(tmp / f"res.{r}") for r in range(WORLD)]
 
 
