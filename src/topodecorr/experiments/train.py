@@ -426,12 +426,8 @@ def train_run(
                     if reg is not None:
                         try:
                             term = reg.penalty()
-                        except FloatingPointError as exc:  # a non-finite penalty (on_nonfinite="raise")
+                        except FloatingPointError as exc:  # non-finite activations or penalty
                             raise _Diverged(f"epoch {epoch}: {exc}") from None
-                        except ValueError as exc:  # non-finite activations reach the correlation
-                            if "NaN or inf" in str(exc):
-                                raise _Diverged(f"epoch {epoch}: {exc}") from None
-                            raise
                     elif spec.penalty == "l1":
                         term = spec.weight * topodecorr.l1(model)
                     elif spec.penalty == "l2":
@@ -445,11 +441,13 @@ def train_run(
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                sum_task += task.item() * idx.numel()
+                # running sums stay on the device: no extra host synchronisation per step
+                sum_task = sum_task + task.detach().double() * idx.numel()
                 if term is not None and spec.weight > 0:
-                    sum_pen += term.item() / spec.weight
+                    sum_pen = sum_pen + term.detach().double() / spec.weight
                 seen += idx.numel()
                 batches += 1
+            sum_task, sum_pen = float(sum_task), float(sum_pen)
             if dist is not None:  # sums over all ranks
                 sum_task, sum_pen, seen, batches = dist.all_reduce_sum([sum_task, sum_pen, seen, batches])
             val_loss, val_acc = evaluate(model, Xva, yva)
