@@ -449,3 +449,40 @@ def test_compiled_before_attach_is_not_seen_until_dynamo_reset():
         cm(x)
         assert torch.isfinite(reg.penalty())
     torch._dynamo.reset()
+
+
+def test_dead_neurons_drop_in_the_hooked_regulariser_counts_the_dead():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    with torch.no_grad():  # four hidden units that never fire
+        model[0].weight[:4] = 0.0
+        model[0].bias[:4] = -1.0
+    x = torch.randn(64, 6)
+    stats = {}
+    for policy in ("keep", "drop"):
+        with td.Decorrelation(model, penalty="t1", weight=1.0, dead_neurons=policy) as reg:
+            model(x)
+            value = reg.penalty()
+        stats[policy] = (reg.last_stats, float(value))
+    keep, drop = stats["keep"][0], stats["drop"][0]
+    assert keep.neurons == 15 and keep.dead == 4
+    assert drop.neurons == 11 and drop.dead == 4
+    # the paper's convention: the four dead neurons join the tree with deaths of exactly 1
+    assert keep.max_death == 1.0 and drop.max_death < 1.0
+
+
+def test_dead_neurons_drop_with_tree_reuse_keeps_the_live_set():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    with torch.no_grad():
+        model[0].weight[:3] = 0.0
+        model[0].bias[:3] = -1.0
+    reg = td.Decorrelation(model, penalty="t1", weight=1.0, dead_neurons="drop", refresh_every=3)
+    with reg:
+        for _ in range(4):
+            model(torch.randn(32, 6))
+            p = reg.penalty()
+            assert torch.isfinite(p)
+            assert reg.last_stats.neurons == 10 and reg.last_stats.dead == 3
+    with pytest.raises(ValueError, match="dead_neurons"):
+        td.Decorrelation(model, dead_neurons="zero")

@@ -87,3 +87,66 @@ def test_flatten_modes_and_errors():
         td.decorrelation_penalty([])
     with pytest.raises(ValueError, match="unknown penalty"):
         td.decorrelation_penalty([torch.randn(4, 3)], "t9")
+
+
+def _with_dead_columns(seed=0, batch=64, live=7, dead=3):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(batch, live, generator=g, dtype=torch.float64)
+    # constant columns: a ReLU that never fires (0) and one stuck at a positive value
+    consts = torch.zeros(batch, dead, dtype=torch.float64)
+    consts[:, 0] = 2.5
+    return torch.cat([a[:, :3], consts, a[:, 3:]], dim=1), a
+
+
+def test_dead_neurons_keep_is_the_papers_convention():
+    acts, _ = _with_dead_columns()
+    r = td.decorrelation_penalty([acts], "t1", dead_neurons="keep", return_result=True)
+    deaths = torch.cat(r.deaths)
+    assert r.neurons == 10 and deaths.numel() == 9
+    # every dead neuron is uncorrelated with everything: it joins the tree with a death of exactly 1
+    assert int((deaths == 1.0).sum()) >= 3
+    assert int(r.dead) == 3
+
+
+def test_dead_neurons_drop_equals_the_live_cloud():
+    acts, live = _with_dead_columns()
+    acts.requires_grad_(True)
+    r = td.decorrelation_penalty([acts], "t1", dead_neurons="drop", return_result=True)
+    ref = td.correlation_deaths(live).deaths
+    torch.testing.assert_close(torch.cat(r.deaths), ref)
+    assert r.neurons == 7 and int(r.dead) == 3  # the dead are counted, not in the cloud
+    r.value.backward()
+    assert torch.isfinite(acts.grad).all()
+    assert bool((acts.grad[:, 3:6] == 0).all())  # dropped columns get no gradient
+    assert float(acts.grad[:, :3].abs().sum()) > 0
+
+
+def test_dead_neurons_drop_all_dead_or_one_live_gives_zero_not_nan():
+    acts = torch.zeros(32, 4, requires_grad=True)
+    for penalty in ("t1", "t2", "mean_abs_corr", "decov"):
+        v = td.decorrelation_penalty([acts], penalty, dead_neurons="drop")
+        assert float(v) == 0.0
+    one = torch.cat([torch.randn(32, 1), torch.zeros(32, 3)], dim=1)
+    r = td.decorrelation_penalty([one], "t2", dead_neurons="drop", return_result=True)
+    assert float(r.value) == 0.0 and r.neurons == 1 and int(r.dead) == 3
+
+
+def test_dead_neurons_bad_policy_is_a_clear_error():
+    with pytest.raises(ValueError, match="dead_neurons"):
+        td.decorrelation_penalty([torch.randn(8, 3)], "t1", dead_neurons="penalise")
+
+
+def test_t1_is_the_same_under_both_dead_neuron_policies_but_t2_is_not():
+    # dead neurons join the MST last, with deaths of exactly 1, so they add 1 - 1 = 0 to T1:
+    # T1's value and gradient do not depend on the policy; T2's mean and std do
+    acts, _ = _with_dead_columns(seed=3)
+    grads = {}
+    for policy in ("keep", "drop"):
+        for penalty in ("t1", "t2"):
+            a = acts.clone().requires_grad_(True)
+            v = td.decorrelation_penalty([a], penalty, dead_neurons=policy)
+            v.backward()
+            grads[policy, penalty] = (v.detach(), a.grad)
+    torch.testing.assert_close(grads["keep", "t1"][0], grads["drop", "t1"][0])
+    torch.testing.assert_close(grads["keep", "t1"][1], grads["drop", "t1"][1])
+    assert abs(float(grads["keep", "t2"][0] - grads["drop", "t2"][0])) > 1e-3

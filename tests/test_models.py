@@ -21,7 +21,23 @@ def dense_params(widths):
 
 def test_names():
     assert PAPER_NETWORKS == ("mlp", "mlp-dropout", "mlp-deep")
-    assert set(MODELS) == {*PAPER_NETWORKS, "vgg"}
+    assert set(MODELS) == {*PAPER_NETWORKS, "vgg", "cnn1d"}
+
+
+def test_cnn1d_shapes_neurons_and_bad_input():
+    import topodecorr as td
+
+    net = build_model("cnn1d", (40,), 10)
+    assert net(torch.zeros(3, 40)).shape == (3, 10)
+    assert build_model("cnn1d", (2, 33), 4)(torch.zeros(5, 2, 33)).shape == (5, 4)
+    with td.Decorrelation(net, penalty="t1") as reg:
+        net(torch.randn(64, 40))
+        reg.penalty()
+    assert reg.last_stats.neurons == 16 * 20 + 32 * 10 + 64 + 10
+    with pytest.raises(ValueError, match="sequence inputs"):
+        build_model("cnn1d", (1, 8, 8), 10)
+    with pytest.raises(ValueError, match="odd"):
+        build_model("cnn1d", (40,), 10, kernel_size=4)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -29,6 +45,10 @@ def test_names():
 def test_forward_shapes(name, shape):
     if name == "vgg" and len(shape) != 3:
         with pytest.raises(ValueError, match="image inputs"):
+            build_model(name, shape, 10)
+        return
+    if name == "cnn1d" and len(shape) > 2:
+        with pytest.raises(ValueError, match="sequence inputs"):
             build_model(name, shape, 10)
         return
     params = {"width": 4, "dense": (8,)} if name == "vgg" else {}

@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from .correlation import NonFiniteActivationsError
-from .functional import PENALTIES, TOPOLOGICAL, decorrelation_penalty, flatten_activation
+from .functional import DEAD_NEURONS, PENALTIES, TOPOLOGICAL, decorrelation_penalty, flatten_activation
 from .sampling import SAMPLINGS
 
 __all__ = ["Decorrelation", "StepStats", "ACTIVATION_MODULES"]
@@ -173,6 +173,11 @@ class Decorrelation:
         Also capture when the model is in ``eval()`` mode.
     backend : str
         MST kernel (see :func:`topodecorr.mst_deaths`).
+    dead_neurons : {"keep", "drop"}
+        Neurons constant over the batch stay in the point cloud with
+        correlation 0 (``"keep"``, the paper's convention: each adds a death of
+        1, so T1 / T2 reward them) or leave it (``"drop"``); either way
+        :attr:`last_stats` counts them as dead.
     count : int, optional
         Alias of ``per_layer_count``.
 
@@ -210,6 +215,7 @@ class Decorrelation:
         capture_in_eval: bool = False,
         backend: str = "auto",
         count: int | None = None,
+        dead_neurons: str = "keep",
     ):
         if count is not None and per_layer_count is not None and count != per_layer_count:
             raise ValueError("pass per_layer_count or its alias count, not both")
@@ -239,6 +245,8 @@ class Decorrelation:
                 raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
         if distributed not in ("global", "local"):
             raise ValueError(f"distributed must be 'global' or 'local', got {distributed!r}")
+        if dead_neurons not in DEAD_NEURONS:
+            raise ValueError(f"unknown dead_neurons {dead_neurons!r}; choose one of {DEAD_NEURONS}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         # torch.compile's wrapper: hooks go on the module it compiled (dynamo honours hooks
@@ -262,6 +270,7 @@ class Decorrelation:
         self.on_nonfinite = on_nonfinite
         self.capture_in_eval = capture_in_eval
         self.backend = backend
+        self.dead_neurons = dead_neurons
         self.generator = torch.Generator().manual_seed(seed)
         self.modules, self._capture_output = _resolve_layers(model, layers)
         self.step = 0  # number of penalty() calls
@@ -272,6 +281,7 @@ class Decorrelation:
         self._output: torch.Tensor | None = None
         self._cache_indices = None
         self._cache_edges = None
+        self._cache_live = None
         self._cache_shape = None
         self._last = None
 
@@ -397,12 +407,15 @@ class Decorrelation:
             generator=self.generator,
             indices=self._cache_indices if reuse else None,
             edges=self._cache_edges if reuse else None,
+            live=self._cache_live if reuse else None,
+            dead_neurons=self.dead_neurons,
             backend=self.backend,
             return_result=True,
         )
         self._regularised += 1
         if self.penalty_name in TOPOLOGICAL and self.refresh_every > 1 and not reuse:
             self._cache_indices, self._cache_edges, self._cache_shape = res.indices, res.edges, shape
+            self._cache_live = res.live
         value = res.value
         if not bool(torch.isfinite(value)):
             return self._nonfinite(f"the {self.penalty_name} penalty is {value.item()}")

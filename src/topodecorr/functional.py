@@ -16,6 +16,13 @@ Penalties (``lam`` is the weight):
 With ``pooled=True`` (the paper's default) the sampled neurons of all
 layers form one point cloud; with ``pooled=False`` each layer is its own
 cloud and the penalties are summed.
+
+Dead neurons (constant over the batch, e.g. a ReLU that never fires) have no
+defined correlation. ``dead_neurons="keep"`` is the paper's convention: they
+stay in the cloud with correlation 0 to every other neuron, so each adds a
+death of 1 and T1 / T2 *reward* them. ``dead_neurons="drop"`` takes them out
+of the point cloud after sampling (they are counted in ``PenaltyResult.dead``);
+a cloud with fewer than two live neurons contributes 0 with no gradient.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ __all__ = ["PENALTIES", "PenaltyResult", "decorrelation_penalty", "flatten_activ
 
 PENALTIES = ("t1", "t2", "mean_abs_corr", "decov", "none")
 TOPOLOGICAL = ("t1", "t2")
+#: What happens to neurons constant over the batch: the paper's convention, or out of the cloud.
+DEAD_NEURONS = ("keep", "drop")
 
 
 @dataclass
@@ -50,14 +59,17 @@ class PenaltyResult:
     indices: list[torch.Tensor | None] = field(default_factory=list)
     neurons: int = 0
     groups: list[torch.Tensor] = field(default_factory=list, repr=False)
+    live: list[torch.Tensor | None] = field(default_factory=list, repr=False)
+    dropped: int = 0
     _dead: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def dead(self) -> torch.Tensor | None:
-        """Number of constant (dead) neurons over all point clouds, or None without clouds."""
+        """Number of constant (dead) neurons over all point clouds (dropped ones included)."""
         if self._dead is None and self.groups:
             with torch.no_grad():
-                self._dead = torch.stack([normalize_activations(g)[1].sum() for g in self.groups]).sum()
+                kept = torch.stack([normalize_activations(g)[1].sum() for g in self.groups]).sum()
+                self._dead = kept + self.dropped
         return self._dead
 
 
@@ -111,6 +123,8 @@ def decorrelation_penalty(
     generator: torch.Generator | None = None,
     indices: list[torch.Tensor | None] | None = None,
     edges: list[torch.Tensor] | None = None,
+    live: list[torch.Tensor | None] | None = None,
+    dead_neurons: str = "keep",
     backend: str = "auto",
     return_result: bool = False,
 ):
@@ -132,9 +146,13 @@ def decorrelation_penalty(
         One point cloud for all layers (True) or one per layer, summed (False).
     alpha : float
         T2's trade-off.
-    indices, edges : optional
-        Reuse a previous step's sampling and spanning trees (``refresh_every``):
-        the deaths of those edges are recomputed with gradient, no MST is built.
+    indices, edges, live : optional
+        Reuse a previous step's sampling, spanning trees and live-neuron sets
+        (``refresh_every``): the deaths of those edges are recomputed with
+        gradient, no MST is built.
+    dead_neurons : {"keep", "drop"}
+        Constant neurons stay in the cloud with correlation 0 (the paper's
+        convention; they add deaths of 1) or leave it (counted as dead).
     backend : str
         MST kernel (see :func:`topodecorr.mst_deaths`).
     return_result : bool
@@ -162,6 +180,8 @@ def decorrelation_penalty(
         raise ValueError(f"unknown penalty {penalty!r}; choose one of {PENALTIES}")
     if not weight >= 0:
         raise ValueError(f"weight must be >= 0, got {weight}")
+    if dead_neurons not in DEAD_NEURONS:
+        raise ValueError(f"unknown dead_neurons {dead_neurons!r}; choose one of {DEAD_NEURONS}")
     batch = acts[0].shape[0]
     for k, a in enumerate(acts):
         if a.dim() != 2:
@@ -176,9 +196,26 @@ def decorrelation_penalty(
         sel = indices
     picked = [a if i is None else a[:, i] for a, i in zip(acts, sel)]
     groups = [torch.cat(picked, dim=1)] if pooled else picked
+    dropped = 0
+    if dead_neurons == "drop":
+        if live is None:
+            live = [_live_columns(g) for g in groups]
+        for g_i, keep in enumerate(live):
+            if keep is not None:
+                dropped += groups[g_i].shape[1] - keep.numel()
+                groups[g_i] = groups[g_i][:, keep]
+    else:
+        live = [None] * len(groups)
     values, deaths, trees = [], [], []
     for g_i, g in enumerate(groups):
         prev = edges[g_i] if edges is not None else None
+        if dead_neurons == "drop" and g.shape[1] < 2 and penalty != "none":
+            # fewer than two (live) neurons: no pair, no correlation; 0 with no gradient path
+            values.append(g.sum() * 0.0)
+            if penalty in TOPOLOGICAL:
+                deaths.append(g.new_zeros(0))
+                trees.append(torch.zeros(0, 2, dtype=torch.long, device=g.device))
+            continue
         v, d, e = _penalty_on(g, penalty, dissimilarity, alpha, backend, prev)
         values.append(v)
         if d is not None:
@@ -187,4 +224,15 @@ def decorrelation_penalty(
     value = weight * torch.stack([v.float() if v.dtype != torch.float64 else v for v in values]).sum()
     if not return_result:
         return value
-    return PenaltyResult(value, deaths, trees, sel, sum(g.shape[1] for g in groups), [g.detach() for g in groups])
+    return PenaltyResult(
+        value, deaths, trees, sel, sum(g.shape[1] for g in groups), [g.detach() for g in groups], live, dropped
+    )
+
+
+def _live_columns(g: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the non-constant columns of ``g`` (None when all are live: nothing to drop)."""
+    with torch.no_grad():
+        _, dead = normalize_activations(g.detach())
+    if not bool(dead.any()):
+        return None
+    return (~dead).nonzero().squeeze(1)

@@ -42,6 +42,7 @@ __all__ = [
     "ConfigError",
     "PENALTIES",
     "DECORRELATION_PENALTIES",
+    "PENALTY_VARIANTS",
     "PAPER_WEIGHTS",
     "NetworkSpec",
     "TrainConfig",
@@ -61,10 +62,17 @@ class ConfigError(ValueError):
 #: Penalties compared in a sweep. ``none`` is the unregularised baseline (one run,
 #: weight 0); ``l1``/``l2`` act on all trainable parameters; the others act on the
 #: activations of the training batch through :class:`topodecorr.Decorrelation`.
-PENALTIES: tuple[str, ...] = ("none", "l1", "l2", "mean_abs_corr", "decov", "t1", "t2")
+#: ``t2_live`` is T2 with ``dead_neurons="drop"``: neurons constant over the batch leave the
+#: point cloud instead of counting as uncorrelated (the paper's convention). There is no
+#: ``t1_live``: dead neurons join the tree with deaths of 1 and add 1 - 1 = 0 to T1, so T1's
+#: value and gradient are the same under both policies (tests/test_functional.py).
+PENALTIES: tuple[str, ...] = ("none", "l1", "l2", "mean_abs_corr", "decov", "t1", "t2", "t2_live")
 
 #: Penalties computed from the captured activations (the rest act on weights).
-DECORRELATION_PENALTIES: tuple[str, ...] = ("mean_abs_corr", "decov", "t1", "t2")
+DECORRELATION_PENALTIES: tuple[str, ...] = ("mean_abs_corr", "decov", "t1", "t2", "t2_live")
+
+#: Sweep penalty label -> (library penalty, dead-neuron policy) for the labels that differ.
+PENALTY_VARIANTS: dict[str, tuple[str, str]] = {"t2_live": ("t2", "drop")}
 
 #: The paper's regulariser-weight grid lambda.
 PAPER_WEIGHTS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 5.0, 10.0, 100.0)
@@ -110,6 +118,11 @@ class TrainConfig:
         MST deaths of the network (the same for every penalty, so comparable).
     device : str
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (``"auto"``: CUDA when available).
+    train_samples, val_samples : int
+        Use only N samples of the training / validation split (a seeded random subset,
+        the same for every run of a sweep);
+        0 (default) uses the whole split. A budget knob, not the paper's protocol:
+        a report of such a sweep must say so. The test split is never reduced.
     """
 
     lr: float = 0.01  # paper: SGD learning rate 0.01
@@ -126,6 +139,8 @@ class TrainConfig:
     t2_alpha: float = 0.5  # paper: T2 = 0.5 std - 0.5 mean
     probe_batch: int = 256  # ours: validation samples for the death statistics
     device: str = "cpu"  # ours: where to train ("auto" = CUDA when available)
+    train_samples: int = 0  # ours: 0 = the whole training split (the paper); N = a fixed random subset
+    val_samples: int = 0  # ours: 0 = the whole validation split (the paper); N = a fixed random subset
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -135,7 +150,7 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(key, f"must be a finite number, got {value!r}")
-        for key in ("decay_steps", "batch_size", "patience", "max_epochs", "probe_batch"):
+        for key in ("decay_steps", "batch_size", "patience", "max_epochs", "probe_batch", "train_samples", "val_samples"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise bad(key, f"must be an integer, got {value!r}")
@@ -159,6 +174,9 @@ class TrainConfig:
             raise bad("max_epochs", f"must be >= 1, got {self.max_epochs}")
         if self.probe_batch < 2:
             raise bad("probe_batch", f"must be >= 2, got {self.probe_batch}")
+        for key in ("train_samples", "val_samples"):
+            if getattr(self, key) < 0 or getattr(self, key) == 1:
+                raise bad(key, f"must be 0 (the whole split) or >= 2 samples, got {getattr(self, key)}")
         if self.sampling not in ("all", "importance"):
             raise bad("sampling", f"must be 'all' or 'importance', got {self.sampling!r}")
         if not 0 < self.fraction <= 1:

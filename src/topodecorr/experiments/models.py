@@ -26,6 +26,12 @@ Networks (:data:`MODELS`)
     pooling) or ``"flatten"``; then a dense head ``dense=(256,)`` of ReLU layers each
     followed by ``Dropout(dropout)`` when ``dropout > 0``, and the output layer. Works
     on any image shape ``(C, H, W)``: digits 8x8, MNIST 28x28, CIFAR-10 32x32.
+``cnn1d``
+    A small 1-D CNN for sequence data such as MNIST-1D (input ``(L,)`` or ``(C, L)``):
+    ``channels=(16, 32)`` convolutions of ``kernel_size=5`` (padding 2, stride 2, so
+    each halves the length), each followed by a ReLU, then ``Flatten``, a dense
+    ``dense=(64,)`` ReLU head and the output layer. On MNIST-1D (40 samples) the automatic
+    layer rule captures 16*20 + 32*10 + 64 + 10 = 714 neurons.
 
 The three MLPs accept ``hidden`` and ``dropout`` (the name only picks the defaults);
 all models accept ``init``: ``"glorot"`` (default: Glorot-uniform weights and zero
@@ -56,7 +62,7 @@ __all__ = ["MODELS", "PAPER_NETWORKS", "build_model", "model_defaults", "count_p
 PAPER_NETWORKS = ("mlp", "mlp-dropout", "mlp-deep")
 
 #: Every name :func:`build_model` accepts.
-MODELS = (*PAPER_NETWORKS, "vgg")
+MODELS = (*PAPER_NETWORKS, "vgg", "cnn1d")
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"hidden": (450, 350, 200), "dropout": 0.0, "init": "glorot"},
@@ -73,6 +79,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "pool": "global",
         "init": "glorot",
     },
+    "cnn1d": {"channels": (16, 32), "kernel_size": 5, "dense": (64,), "dropout": 0.0, "init": "glorot"},
 }
 
 
@@ -139,6 +146,8 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **param
         raise ValueError(f"network {name!r}: init must be 'glorot' or 'torch', got {init!r}")
     if name == "vgg":
         model = _vgg(name, shape, num_classes, cfg)
+    elif name == "cnn1d":
+        model = _cnn1d(name, shape, num_classes, cfg)
     else:
         model = _mlp(name, shape, num_classes, cfg)
     if init == "glorot":
@@ -244,10 +253,31 @@ def _vgg(name: str, shape: tuple[int, ...], num_classes: int, cfg: dict[str, Any
     return nn.Sequential(*layers)
 
 
+def _cnn1d(name: str, shape: tuple[int, ...], num_classes: int, cfg: dict[str, Any]) -> nn.Sequential:
+    if len(shape) not in (1, 2):
+        raise ValueError(
+            f"network 'cnn1d' needs sequence inputs of shape (length,) or (channels, length), got input_shape={shape}"
+        )
+    channels_in, length = (1, shape[0]) if len(shape) == 1 else shape
+    widths = _widths(name, "channels", cfg["channels"], allow_empty=False)
+    k = _positive_int(name, "kernel_size", cfg["kernel_size"])
+    if k % 2 == 0:
+        raise ValueError(f"network 'cnn1d': kernel_size must be odd (padding keeps the centre), got {k}")
+    dense = _widths(name, "dense", cfg["dense"], allow_empty=True)
+    dropout = _dropout(name, cfg["dropout"])
+    layers: list[nn.Module] = [nn.Unflatten(1, (1, length))] if len(shape) == 1 else []
+    for out in widths:
+        layers += [nn.Conv1d(channels_in, out, kernel_size=k, stride=2, padding=k // 2), nn.ReLU()]
+        channels_in, length = out, (length + 2 * (k // 2) - k) // 2 + 1
+    layers.append(nn.Flatten())
+    layers += _dense_stack(channels_in * length, dense, dropout, num_classes)
+    return nn.Sequential(*layers)
+
+
 def _glorot(model: nn.Module) -> None:
-    """Glorot-uniform weights and zero biases on every Linear and Conv2d (Keras' defaults)."""
+    """Glorot-uniform weights and zero biases on every Linear and Conv1d/2d (Keras' defaults)."""
     for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

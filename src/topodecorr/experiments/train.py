@@ -52,7 +52,7 @@ import topodecorr
 from topodecorr.capture import ACTIVATION_MODULES
 from topodecorr.sampling import select_neurons
 
-from .config import DECORRELATION_PENALTIES, PENALTIES, ConfigError, TrainConfig
+from .config import DECORRELATION_PENALTIES, PENALTIES, PENALTY_VARIANTS, ConfigError, TrainConfig
 
 __all__ = ["RunSpec", "train_run", "software_versions", "load_checkpoint", "resolve_device", "probe_deaths"]
 
@@ -161,6 +161,13 @@ def _cached_dataset(name: str, data_dir: str | None, split_seed: int, val_fracti
     from .data import load_dataset
 
     return load_dataset(name, data_dir=data_dir, split_seed=split_seed, val_fraction=val_fraction)
+
+
+def _subset(n: int, size: int, seed: int) -> torch.Tensor:
+    """``size`` of ``range(n)`` drawn by a seeded permutation, sorted (all of them when size >= n)."""
+    if size >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
 
 
 # -- activations of the probe -----------------------------------------------------------------
@@ -291,9 +298,11 @@ def _make_regulariser(model: nn.Module, spec: RunSpec, distributed: str = "globa
         return None
     if not hasattr(topodecorr, "Decorrelation"):  # pragma: no cover - the training API is part of the package
         raise RuntimeError("topodecorr.Decorrelation is not available in this installation")
+    penalty, dead = PENALTY_VARIANTS.get(spec.penalty, (spec.penalty, "keep"))
     kwargs = dict(
         layers="auto",
-        penalty=spec.penalty,
+        penalty=penalty,
+        dead_neurons=dead,
         weight=float(spec.weight),
         dissimilarity=cfg.dissimilarity,
         sampling=cfg.sampling,
@@ -302,7 +311,7 @@ def _make_regulariser(model: nn.Module, spec: RunSpec, distributed: str = "globa
         on_nonfinite="raise",
         distributed=distributed,  # under DDP: penalty of the gathered global batch, or per rank
     )
-    if spec.penalty == "t2":
+    if penalty == "t2":
         kwargs["alpha"] = cfg.t2_alpha
     return topodecorr.Decorrelation(model, **kwargs)
 
@@ -355,6 +364,13 @@ def train_run(
     Xtr, ytr = (torch.as_tensor(a) for a in data.train)
     Xva, yva = (torch.as_tensor(a) for a in data.val)
     Xte, yte = (torch.as_tensor(a) for a in data.test)
+    # budget subsets: the same seeded random samples for every run of a sweep (split_seed)
+    if cfg.train_samples:
+        keep = _subset(Xtr.shape[0], cfg.train_samples, spec.split_seed)
+        Xtr, ytr = Xtr[keep], ytr[keep]
+    if cfg.val_samples:
+        keep = _subset(Xva.shape[0], cfg.val_samples, spec.split_seed + 1)
+        Xva, yva = Xva[keep], yva[keep]
     Xtr, ytr, Xva, yva, Xte, yte = (t.to(device) for t in (Xtr, ytr, Xva, yva, Xte, yte))
     ytr, yva, yte = ytr.long(), yva.long(), yte.long()
     probe_x = Xva[: cfg.probe_batch]
