@@ -256,3 +256,69 @@ def test_l1_l2_no_parameters_is_zero():
 def test_l1_l2_reject_non_module(fn):
     with pytest.raises(TypeError, match="nn.Module"):
         fn(torch.zeros(3))
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def test_registry_covers_every_penalty_once_with_its_kind():
+    from topodecorr.penalties import KINDS, REGISTRY
+
+    assert dict((n, p.kind) for n, p in REGISTRY.items()) == {
+        "none": "activations", "t1": "deaths", "t2": "deaths", "mean_abs_corr": "activations",
+        "decov": "activations", "l1": "parameters", "l2": "parameters",
+    }
+    assert all(p.name == n and p.kind in KINDS for n, p in REGISTRY.items())
+    with pytest.raises(TypeError):
+        REGISTRY["t3"] = REGISTRY["t1"]  # read-only
+
+
+def test_registry_functions_agree_with_the_public_ones_and_numpy():
+    from topodecorr.penalties import REGISTRY
+
+    g = torch.Generator().manual_seed(5)
+    d = torch.rand(9, generator=g, dtype=torch.float64)
+    assert REGISTRY["t1"](d).item() == pytest.approx(np.sum(1 - d.numpy()), abs=1e-12)
+    assert REGISTRY["t2"](d, alpha=0.3).item() == pytest.approx(
+        0.3 * d.numpy().std() - 0.7 * d.numpy().mean(), abs=1e-12
+    )
+    A = torch.randn(30, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    C = np.corrcoef(A.detach().numpy(), rowvar=False)
+    expected = np.abs(C[~np.eye(5, dtype=bool)]).mean()
+    assert REGISTRY["mean_abs_corr"](A).item() == pytest.approx(expected, abs=1e-12)
+    assert REGISTRY["decov"](A).item() == pytest.approx(_decov_numpy(A.detach().numpy()), rel=1e-10)
+    z = REGISTRY["none"](A)
+    assert z.item() == 0.0 and z.requires_grad  # a control with a graph
+    net = _net()
+    assert REGISTRY["l1"](net).item() == pytest.approx(l1(net).item())
+    assert REGISTRY["l2"](net).item() == pytest.approx(l2(net).item())
+
+
+def test_names_and_lookup_errors():
+    from topodecorr.penalties import lookup, names
+
+    assert names("deaths") == ("t1", "t2")
+    assert names("parameters") == ("l1", "l2")
+    assert set(names()) == {"none", "t1", "t2", "mean_abs_corr", "decov", "l1", "l2"}
+    with pytest.raises(ValueError, match="unknown penalty kind"):
+        names("weights")
+    with pytest.raises(ValueError, match=r"unknown penalty 't9'; choose one of"):
+        lookup("t9")
+    with pytest.raises(ValueError, match=r"acts on the model's parameters.*topodecorr.l2\(model\)"):
+        lookup("l2", kinds=("deaths", "activations"))
+    with pytest.raises(ValueError, match="is a deaths penalty"):
+        lookup("t1", kinds=("activations",))
+
+
+def test_pipeline_and_hooks_read_the_registry():
+    import topodecorr as td
+    from topodecorr.functional import PENALTIES
+    from topodecorr.penalties import names
+
+    assert PENALTIES == names("deaths", "activations")
+    acts = torch.randn(16, 4)
+    for name in ("l1", "l2"):
+        with pytest.raises(ValueError, match="parameters"):
+            td.decorrelation_penalty([acts], name)
+        with pytest.raises(ValueError, match="parameters"):
+            td.Decorrelation(_net(), penalty=name)

@@ -67,7 +67,8 @@ import torch
 from torch import nn
 
 from .correlation import NonFiniteActivationsError
-from .functional import DEAD_NEURONS, PENALTIES, TOPOLOGICAL, decorrelation_penalty, flatten_activation
+from .functional import DEAD_NEURONS, KINDS, decorrelation_penalty, flatten_activation
+from .penalties import lookup
 from .sampling import SAMPLINGS
 
 __all__ = ["Decorrelation", "StepStats", "ACTIVATION_MODULES"]
@@ -222,8 +223,7 @@ class Decorrelation:
         count = per_layer_count if per_layer_count is not None else count
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if penalty not in PENALTIES:
-            raise ValueError(f"unknown penalty {penalty!r}; choose one of {PENALTIES}")
+        self._entry = lookup(penalty, KINDS)
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
             raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
         if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
@@ -387,7 +387,7 @@ class Decorrelation:
     def _compute(self, acts, is_output) -> torch.Tensor:
         shape = tuple(a.shape[1] for a in acts)
         reuse = (
-            self.penalty_name in TOPOLOGICAL
+            self._entry.kind == "deaths"
             and self.refresh_every > 1
             and self._cache_edges is not None
             and self._cache_shape == shape
@@ -413,7 +413,7 @@ class Decorrelation:
             return_result=True,
         )
         self._regularised += 1
-        if self.penalty_name in TOPOLOGICAL and self.refresh_every > 1 and not reuse:
+        if self._entry.kind == "deaths" and self.refresh_every > 1 and not reuse:
             self._cache_indices, self._cache_edges, self._cache_shape = res.indices, res.edges, shape
             self._cache_live = res.live
         value = res.value

@@ -31,15 +31,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .correlation import correlation, normalize_activations
-from .penalties import decov, mean_abs_correlation, t1, t2
+from .correlation import normalize_activations
+from .penalties import lookup, names
 from .persistence import correlation_deaths
 from .sampling import select_neurons
 
 __all__ = ["PENALTIES", "PenaltyResult", "decorrelation_penalty", "flatten_activation"]
 
-PENALTIES = ("t1", "t2", "mean_abs_corr", "decov", "none")
-TOPOLOGICAL = ("t1", "t2")
+#: The kinds of :data:`topodecorr.penalties.REGISTRY` this pipeline computes.
+KINDS = ("deaths", "activations")
+#: Penalty names the pipeline takes, from the registry.
+PENALTIES = names(*KINDS)
 #: What happens to neurons constant over the batch: the paper's convention, or out of the cloud.
 DEAD_NEURONS = ("keep", "drop")
 
@@ -96,16 +98,11 @@ def flatten_activation(x: torch.Tensor, mode: str = "flatten") -> torch.Tensor:
     raise ValueError(f"unknown mode {mode!r}; choose 'flatten' or 'channel'")
 
 
-def _penalty_on(acts: torch.Tensor, penalty: str, kind: str, alpha: float, backend: str, edges):
-    if penalty in TOPOLOGICAL:
+def _penalty_on(acts: torch.Tensor, entry, kind: str, alpha: float, backend: str, edges):
+    if entry.kind == "deaths":
         res = correlation_deaths(acts, kind=kind, backend=backend, edges=edges)
-        value = t1(res.deaths) if penalty == "t1" else t2(res.deaths, alpha=alpha)
-        return value, res.deaths, res.edges
-    if penalty == "mean_abs_corr":
-        return mean_abs_correlation(correlation(acts)), None, None
-    if penalty == "decov":
-        return decov(acts), None, None
-    return acts.sum() * 0.0, None, None
+        return entry(res.deaths, alpha=alpha), res.deaths, res.edges
+    return entry(acts, alpha=alpha), None, None
 
 
 def decorrelation_penalty(
@@ -176,8 +173,7 @@ def decorrelation_penalty(
         acts = [acts]
     if not acts:
         raise ValueError("no activations to regularise: pass at least one (batch, units) tensor")
-    if penalty not in PENALTIES:
-        raise ValueError(f"unknown penalty {penalty!r}; choose one of {PENALTIES}")
+    entry = lookup(penalty, KINDS)
     if not weight >= 0:
         raise ValueError(f"weight must be >= 0, got {weight}")
     if dead_neurons not in DEAD_NEURONS:
@@ -209,14 +205,14 @@ def decorrelation_penalty(
     values, deaths, trees = [], [], []
     for g_i, g in enumerate(groups):
         prev = edges[g_i] if edges is not None else None
-        if dead_neurons == "drop" and g.shape[1] < 2 and penalty != "none":
+        if dead_neurons == "drop" and g.shape[1] < 2:
             # fewer than two (live) neurons: no pair, no correlation; 0 with no gradient path
             values.append(g.sum() * 0.0)
-            if penalty in TOPOLOGICAL:
+            if entry.kind == "deaths":
                 deaths.append(g.new_zeros(0))
                 trees.append(torch.zeros(0, 2, dtype=torch.long, device=g.device))
             continue
-        v, d, e = _penalty_on(g, penalty, dissimilarity, alpha, backend, prev)
+        v, d, e = _penalty_on(g, entry, dissimilarity, alpha, backend, prev)
         values.append(v)
         if d is not None:
             deaths.append(d)

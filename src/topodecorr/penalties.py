@@ -10,16 +10,54 @@ Baselines: the mean absolute off-diagonal correlation (the paper's naive
 decorrelation), DeCov (Cogswell et al., ICLR 2016) and L1 / L2 on all
 trainable parameters.
 
+The registry
+------------
+:data:`REGISTRY` is the one list of penalty names: name -> :class:`Penalty`
+(its *kind*, i.e. what it reads, and the function). Everything that accepts
+a penalty name (:func:`topodecorr.decorrelation_penalty`,
+:class:`topodecorr.Decorrelation`, the experiment harness) looks it up here:
+
+=================  =============  ==============================================
+name               kind           value
+=================  =============  ==============================================
+``none``           activations    0, with a graph (a control that still captures)
+``t1``             deaths         :func:`t1` of the MST deaths
+``t2``             deaths         :func:`t2` of the MST deaths (uses ``alpha``)
+``mean_abs_corr``  activations    :func:`mean_abs_correlation` of the correlation
+``decov``          activations    :func:`decov` of the (samples, neurons) matrix
+``l1``             parameters     :func:`l1` of the trainable parameters
+``l2``             parameters     :func:`l2` of the trainable parameters
+=================  =============  ==============================================
+
+``"deaths"`` penalties need a spanning tree of the neurons, ``"activations"``
+ones the (samples, neurons) matrix, ``"parameters"`` ones the model.
+
 Reference: Ballester, Casacuberta, Escalera, "Decorrelating neurons using
 persistence", PMLR 228 (2024).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable, Mapping
+
 import torch
 from torch import nn
 
-__all__ = ["t1", "t2", "mean_abs_correlation", "decov", "l1", "l2"]
+__all__ = [
+    "KINDS",
+    "Penalty",
+    "REGISTRY",
+    "lookup",
+    "names",
+    "t1",
+    "t2",
+    "mean_abs_correlation",
+    "decov",
+    "l1",
+    "l2",
+]
 
 
 def _check_deaths(deaths: torch.Tensor) -> None:
@@ -158,3 +196,121 @@ def l2(module: nn.Module) -> torch.Tensor:
     for p in ps:
         total = total + (p * p).sum()
     return total
+
+
+# --------------------------------------------------------------------------- the registry
+
+#: What a penalty reads: MST deaths (n - 1,), activations (samples, neurons), or a module.
+KINDS = ("deaths", "activations", "parameters")
+
+
+@dataclass(frozen=True)
+class Penalty:
+    """One entry of :data:`REGISTRY`.
+
+    Attributes
+    ----------
+    name : str
+    kind : {"deaths", "activations", "parameters"}
+        What ``fn`` takes: a 1-D tensor of deaths, a (samples, neurons)
+        activation matrix, or an ``nn.Module``.
+    fn : callable
+        ``fn(x)`` (or ``fn(x, alpha=...)`` when ``uses_alpha``) -> scalar tensor.
+    uses_alpha : bool
+        Whether ``fn`` takes T2's trade-off ``alpha``.
+    """
+
+    name: str
+    kind: str
+    fn: Callable[..., torch.Tensor]
+    uses_alpha: bool = False
+
+    def __call__(self, x, alpha: float = 0.5) -> torch.Tensor:
+        """The unweighted penalty of ``x`` (deaths, activations or a module, see ``kind``).
+
+        Examples
+        --------
+        >>> import torch
+        >>> REGISTRY["t2"](torch.tensor([0.2, 0.6]), alpha=0.5)
+        tensor(-0.1000)
+        """
+        return self.fn(x, alpha=alpha) if self.uses_alpha else self.fn(x)
+
+
+def _mean_abs_corr_of(acts: torch.Tensor) -> torch.Tensor:
+    from .correlation import correlation  # correlation imports nothing from here; lazy keeps the layers plain
+
+    return mean_abs_correlation(correlation(acts))
+
+
+def _zero_of(acts: torch.Tensor) -> torch.Tensor:
+    # 0 that still depends on the activations: the "none" control keeps a graph
+    return acts.sum() * 0.0
+
+
+#: name -> :class:`Penalty`, read-only. The one place penalty names are defined.
+REGISTRY: Mapping[str, Penalty] = MappingProxyType(
+    {
+        p.name: p
+        for p in (
+            Penalty("none", "activations", _zero_of),
+            Penalty("t1", "deaths", t1),
+            Penalty("t2", "deaths", t2, uses_alpha=True),
+            Penalty("mean_abs_corr", "activations", _mean_abs_corr_of),
+            Penalty("decov", "activations", decov),
+            Penalty("l1", "parameters", l1),
+            Penalty("l2", "parameters", l2),
+        )
+    }
+)
+
+
+def names(*kinds: str) -> tuple[str, ...]:
+    """Registered penalty names of the given kinds (all names when none given), in registry order.
+
+    Examples
+    --------
+    >>> names("deaths")
+    ('t1', 't2')
+    >>> names("deaths", "activations")
+    ('none', 't1', 't2', 'mean_abs_corr', 'decov')
+    """
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"unknown penalty kind {k!r}; choose from {KINDS}")
+    return tuple(n for n, p in REGISTRY.items() if not kinds or p.kind in kinds)
+
+
+def lookup(name: str, kinds: tuple[str, ...] = KINDS, where: str = "penalty") -> Penalty:
+    """The registry entry of ``name``; a clear ``ValueError`` for unknown names or the wrong kind.
+
+    Parameters
+    ----------
+    name : str
+    kinds : tuple of str
+        The kinds the caller can compute (e.g. the activation pipeline takes
+        ``("deaths", "activations")``).
+    where : str
+        The caller's name for the argument, used in the message.
+
+    Examples
+    --------
+    >>> lookup("t1").kind
+    'deaths'
+    >>> lookup("l1", kinds=("deaths", "activations"))
+    Traceback (most recent call last):
+    ...
+    ValueError: penalty 'l1' acts on the model's parameters, not on activations: compute it as topodecorr.l1(model); here choose one of ('none', 't1', 't2', 'mean_abs_corr', 'decov')
+    """
+    allowed = names(*kinds)
+    entry = REGISTRY.get(name) if isinstance(name, str) else None
+    if entry is None:
+        raise ValueError(f"unknown {where} {name!r}; choose one of {allowed}")
+    if entry.kind not in kinds:
+        if entry.kind == "parameters":
+            raise ValueError(
+                f"{where} {name!r} acts on the model's parameters, not on activations: compute it as "
+                f"topodecorr.{entry.fn.__name__}(model); here choose one of {allowed}"
+            )
+        raise ValueError(f"{where} {name!r} is a {entry.kind} penalty; here choose one of {allowed}")
+    return entry
