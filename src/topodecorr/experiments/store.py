@@ -39,8 +39,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-__all__ = ["StoreError", "ResultStore", "STATUSES", "FINISHED", "SCHEMA_VERSION"]
+__all__ = ["StoreError", "ResultStore", "STATUSES", "FINISHED", "SCHEMA_VERSION", "DB_NAME"]
 
+#: File name of the results database inside a sweep folder.
+DB_NAME = "results.sqlite"
 SCHEMA_VERSION = 1
 STATUSES = ("pending", "running", "done", "diverged", "failed")
 #: Statuses that a re-run of the sweep skips.

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from .config import SweepConfig
-from .store import FINISHED, ResultStore
+from .store import DB_NAME, FINISHED, ResultStore
 from .train import RunSpec, _cached_dataset, software_versions, train_run
 
 __all__ = [
@@ -51,9 +51,6 @@ __all__ = [
     "run_sweep",
     "cpu_count",
 ]
-
-#: File name of the results database inside a sweep folder.
-DB_NAME = "results.sqlite"
 
 
 def cpu_count() -> int:
