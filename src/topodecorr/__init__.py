@@ -12,6 +12,7 @@ from ._kernels import available_backends
 from .capture import Decorrelation, StepStats
 from .functional import decorrelation_penalty
 from .sampling import select_neurons
+from .inspection import LayerRedundancy, NeuronPair, RedundancyReport, inspect
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,11 @@ __all__ = [
     "Decorrelation",
     "StepStats",
     "decorrelation_penalty",
+    # `inspect` itself is left out of __all__: `from topodecorr import *` must not shadow
+    # the standard library's inspect module; use td.inspect or import it by name
+    "RedundancyReport",
+    "LayerRedundancy",
+    "NeuronPair",
     "select_neurons",
     "available_backends",
     "correlation",

@@ -1,0 +1,567 @@
+"""Which neurons of a trained network are redundant: the minimum spanning tree as a map.
+
+:func:`inspect` runs a model over some batches (evaluation mode, no
+gradients), reads the chosen layers by forward hooks exactly as
+:class:`topodecorr.Decorrelation` does, and reports, per layer and for the
+pooled point cloud of all layers:
+
+* the deaths of the zero-dimensional persistence of the neurons (the edge
+  weights of the minimum spanning tree of ``1 - |corr|``), the statistics the
+  T1 / T2 regularisers act on;
+* the dead neurons (constant over every sample seen);
+* the most redundant neuron pairs, named by layer and index, with their
+  (signed) correlation;
+* the tree itself (``edges``), for users who want to prune or merge neurons.
+
+Correlations are exact Pearson correlations over *all* samples of all
+batches (streamed sums in float64, shifted by the first batch's mean), not
+an average of per-batch correlations, so the result does not depend on how
+the data were batched. A neuron constant over all samples is dead: it gets
+correlation 0 with every other neuron (the convention of the rest of the
+library), hence deaths of 1.
+
+The most redundant pairs are the tree's shortest edges, in ascending order of
+death: the first is always the most correlated pair of the whole cloud; later
+entries skip pairs the tree already implies (when a ~ b and b ~ c are both
+near-duplicates, a ~ c is not listed a third time).
+
+Figures (:meth:`RedundancyReport.plot_deaths`, :meth:`RedundancyReport.plot_pairs`,
+:meth:`RedundancyReport.save`) need matplotlib, imported only when called.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .correlation import DISSIMILARITIES, NonFiniteActivationsError, dissimilarity as _dissimilarity
+from .persistence import mst_deaths
+
+__all__ = ["inspect", "RedundancyReport", "LayerRedundancy", "NeuronPair"]
+
+# the rule of topodecorr.correlation.normalize_activations: a neuron is constant when its
+# spread is below this many machine epsilons of its largest absolute activation
+_CONSTANT_RTOL_ULPS = 8.0
+
+
+@dataclass(frozen=True)
+class NeuronPair:
+    """Two neurons joined by an edge of the tree.
+
+    Attributes
+    ----------
+    a, b : tuple of (str, int)
+        ``(layer name, index of the neuron in that layer's flattened output)``.
+    correlation : float
+        Pearson correlation of the two neurons over all samples (signed).
+    death : float
+        The edge's weight, the dissimilarity of the pair (``1 - |corr|`` by default).
+    """
+
+    a: tuple[str, int]
+    b: tuple[str, int]
+    correlation: float
+    death: float
+
+    def __str__(self) -> str:
+        return f"{self.a[0]}[{self.a[1]}] ~ {self.b[0]}[{self.b[1]}]: corr {self.correlation:+.4f}"
+
+
+@dataclass(frozen=True, eq=False)
+class LayerRedundancy:
+    """The redundancy map of one point cloud (one layer, or all layers pooled).
+
+    Attributes
+    ----------
+    name : str
+        The layer's name (``"pooled"`` for the pooled cloud).
+    neurons : int
+        n, the number of neurons in the cloud.
+    dead : int
+        Neurons constant over every sample.
+    dead_neurons : tuple of (str, int)
+        Which ones, as ``(layer, index)``.
+    deaths : Tensor, shape (n - 1,)
+        MST deaths, ascending (float64, CPU).
+    edges : LongTensor, shape (n - 1, 2)
+        ``edges[k]`` is the pair of cloud indices whose edge has weight ``deaths[k]``;
+        :attr:`labels` names them.
+    labels : tuple of (str, int)
+        ``labels[i]`` = ``(layer, index)`` of the cloud's i-th neuron.
+    pairs : tuple of NeuronPair
+        The ``k`` shortest edges (the most redundant pairs first).
+    """
+
+    name: str
+    neurons: int
+    dead: int
+    dead_neurons: tuple
+    deaths: torch.Tensor
+    edges: torch.Tensor
+    labels: tuple
+    pairs: tuple
+
+    def __repr__(self) -> str:
+        top = f", top pair {self.pairs[0]}" if self.pairs else ""
+        return f"LayerRedundancy({self.name!r}, neurons={self.neurons}, dead={self.dead}{top})"
+
+    def summary(self) -> dict:
+        """``neurons``, ``dead``, ``min/mean/max_death`` (None without deaths) as plain numbers."""
+        d = self.deaths
+        has = d.numel() > 0
+        return {
+            "neurons": self.neurons,
+            "dead": self.dead,
+            "min_death": float(d.min()) if has else None,
+            "mean_death": float(d.mean()) if has else None,
+            "max_death": float(d.max()) if has else None,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class RedundancyReport:
+    """Result of :func:`inspect`.
+
+    Attributes
+    ----------
+    layers : tuple of LayerRedundancy
+        One per captured layer, in forward order.
+    pooled : LayerRedundancy or None
+        All layers as one cloud (None with ``pooled=False``, or when the layers do not
+        share their samples, e.g. conv layers of different sizes under ``mode="channel"``).
+    samples : int
+        Rows seen per layer (batch samples; times spatial positions under ``mode="channel"``).
+    batches : int
+    mode, dissimilarity : str
+        The options used.
+    """
+
+    layers: tuple
+    pooled: LayerRedundancy | None
+    samples: int
+    batches: int
+    mode: str
+    dissimilarity: str
+    _kept: dict = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:
+        names = ", ".join(repr(l.name) for l in self.layers)
+        pooled = "" if self.pooled is None else f", pooled={self.pooled.neurons} neurons"
+        return f"RedundancyReport(layers=[{names}]{pooled}, samples={self.samples}, batches={self.batches})"
+
+    def __getitem__(self, name: str) -> LayerRedundancy:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        if name == "pooled" and self.pooled is not None:
+            return self.pooled
+        raise KeyError(f"no layer {name!r}; layers: {[l.name for l in self.layers]}")
+
+    @property
+    def clouds(self) -> tuple:
+        """The per-layer clouds, then the pooled one (when there is one)."""
+        extra = self.pooled is not None and not any(self.pooled is c for c in self.layers)
+        return self.layers + ((self.pooled,) if extra else ())
+
+    def activations(self, neuron: tuple[str, int]) -> torch.Tensor:
+        """Activations of one neuron on the first samples seen (the ones the scatter plots use)."""
+        layer, index = neuron
+        return self._kept[layer][:, index]
+
+    # -- rendering -------------------------------------------------------------
+    def to_markdown(self, figures: dict | None = None) -> str:
+        """The report as Markdown; ``figures`` maps a caption to an image path to embed."""
+        kind = "1 - |corr|" if self.dissimilarity == "abs" else "sqrt(1 - corr^2)"
+        lines = [
+            "# Redundancy report",
+            "",
+            f"{self.samples} samples from {self.batches} batch(es); neurons: mode `{self.mode}`; "
+            f"deaths: minimum spanning tree of d = {kind} (a dead neuron has correlation 0).",
+            "",
+            "| cloud | neurons | dead | min death | mean death | max death | most redundant pair | corr |",
+            "|---|---:|---:|---:|---:|---:|---|---:|",
+        ]
+        for c in self.clouds:
+            s = c.summary()
+            top = c.pairs[0] if c.pairs else None
+            fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+            pair = "-" if top is None else f"{_name(top.a)} ~ {_name(top.b)}"
+            corr = "-" if top is None else f"{top.correlation:+.4f}"
+            lines.append(
+                f"| {c.name} | {s['neurons']} | {s['dead']} | {fmt(s['min_death'])} | {fmt(s['mean_death'])} "
+                f"| {fmt(s['max_death'])} | {pair} | {corr} |"
+            )
+        for c in self.clouds:
+            lines += ["", f"## {c.name}", ""]
+            if c.dead:
+                shown = ", ".join(_name(x) for x in c.dead_neurons[:20])
+                more = f" and {c.dead - 20} more" if c.dead > 20 else ""
+                lines += [f"Dead neurons ({c.dead}): {shown}{more}.", ""]
+            if not c.pairs:
+                lines.append("No pair (fewer than two neurons).")
+                continue
+            lines += ["| # | neuron | neuron | correlation | death |", "|---:|---|---|---:|---:|"]
+            for r, p in enumerate(c.pairs, 1):
+                lines.append(f"| {r} | {_name(p.a)} | {_name(p.b)} | {p.correlation:+.4f} | {p.death:.4f} |")
+        for caption, path in (figures or {}).items():
+            lines += ["", f"![{caption}]({path})"]
+        return "\n".join(lines) + "\n"
+
+    def plot_deaths(self, bins: int = 30):
+        """One histogram of MST deaths per cloud; returns a matplotlib Figure."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        clouds = self.clouds
+        cols = min(3, len(clouds))
+        rows = math.ceil(len(clouds) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+        for ax, c in zip(axes.flat, clouds):
+            d = c.deaths.numpy()
+            ax.hist(d, bins=bins, range=(0.0, 1.0), color="tab:blue")
+            ax.set_title(f"{c.name} (n = {c.neurons}, dead {c.dead})", fontsize=9)
+            ax.set_xlabel("MST death")
+        for ax in list(axes.flat)[len(clouds):]:
+            ax.axis("off")
+        fig.tight_layout()
+        return fig
+
+    def plot_pairs(self, k: int = 6, cloud: str | None = None):
+        """Scatter plots of the ``k`` most redundant pairs' activations; returns a Figure.
+
+        ``cloud``: a layer name, or ``"pooled"`` (the default when there is a pooled cloud).
+        """
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        c = self[cloud] if cloud is not None else (self.pooled or self.layers[0])
+        pairs = c.pairs[:k]
+        cols = max(1, min(3, len(pairs)))
+        rows = max(1, math.ceil(len(pairs) / cols))
+        fig, axes = plt.subplots(rows, cols, figsize=(3.5 * cols, 3.2 * rows), squeeze=False)
+        for ax, p in zip(axes.flat, pairs):
+            ax.scatter(self.activations(p.a).numpy(), self.activations(p.b).numpy(), s=4, alpha=0.5)
+            ax.set_xlabel(_name(p.a), fontsize=8)
+            ax.set_ylabel(_name(p.b), fontsize=8)
+            ax.set_title(f"corr {p.correlation:+.3f}", fontsize=9)
+        for ax in list(axes.flat)[len(pairs):]:
+            ax.axis("off")
+        fig.suptitle(f"most redundant pairs: {c.name}", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    def save(self, folder: str | Path, k_scatter: int = 6) -> Path:
+        """Write ``inspect.md``, ``deaths.png`` and ``pairs.png`` into ``folder``; returns the .md path."""
+        import matplotlib.pyplot as plt
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        figures = {}
+        for fname, caption, make in (
+            ("deaths.png", "MST deaths per layer", lambda: self.plot_deaths()),
+            ("pairs.png", "activations of the most redundant pairs", lambda: self.plot_pairs(k_scatter)),
+        ):
+            fig = make()
+            fig.savefig(folder / fname, dpi=110)
+            plt.close(fig)
+            figures[caption] = fname
+        path = folder / "inspect.md"
+        path.write_text(self.to_markdown(figures), encoding="utf-8")
+        return path
+
+
+def _name(neuron: tuple[str, int]) -> str:
+    return f"{neuron[0]}[{neuron[1]}]"
+
+
+# -- streaming correlation -------------------------------------------------------------------------
+
+
+class _Moments:
+    """Exact streamed Pearson correlation of the columns of (rows, n) blocks (float64 sums)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.shift = self.sum = self.gram = self.maxabs = None
+        self.eps = None
+
+    def add(self, x: torch.Tensor) -> None:
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteActivationsError(
+                "the captured activations contain NaN or inf; check the model's weights and the batches"
+            )
+        eps = torch.finfo(x.dtype).eps
+        self.eps = eps if self.eps is None else max(self.eps, eps)
+        x = x.to(torch.float64)
+        if self.shift is None:
+            self.shift = x.mean(dim=0)
+            n = x.shape[1]
+            self.sum = x.new_zeros(n)
+            self.gram = x.new_zeros(n, n)
+            self.maxabs = x.new_zeros(n)
+        xc = x - self.shift
+        self.sum += xc.sum(dim=0)
+        self.gram += xc.T @ xc
+        self.maxabs = torch.maximum(self.maxabs, x.abs().amax(dim=0))
+        self.rows += x.shape[0]
+
+    def correlation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(corr (n, n) with 1 on the diagonal and 0 for dead neurons, dead (n,) bool)."""
+        m = self.sum / self.rows
+        cov = self.gram / self.rows - torch.outer(m, m)
+        cov = (cov + cov.T) / 2
+        var = cov.diagonal().clamp_min(0.0)
+        dead = (var.sqrt() <= _CONSTANT_RTOL_ULPS * self.eps * self.maxabs) | (self.maxabs == 0)
+        var = torch.where(dead, torch.ones_like(var), var)
+        corr = cov / torch.outer(var, var).sqrt()
+        corr = corr.clamp(-1.0, 1.0)
+        corr[dead, :] = 0.0
+        corr[:, dead] = 0.0
+        corr.fill_diagonal_(1.0)
+        return corr, dead
+
+
+def _cloud(name, corr, dead, labels, k, kind, backend) -> LayerRedundancy:
+    n = corr.shape[0]
+    D = _dissimilarity(corr, kind)
+    res = mst_deaths(D.cpu(), backend=backend)
+    deaths, edges = res.deaths.detach().cpu(), res.edges.cpu()
+    pairs = tuple(
+        NeuronPair(labels[int(i)], labels[int(j)], float(corr[i, j]), float(deaths[r]))
+        for r, (i, j) in enumerate(edges[:k].tolist())
+    )
+    dead_idx = dead.nonzero().flatten().tolist()
+    return LayerRedundancy(
+        name=name, neurons=n, dead=len(dead_idx), dead_neurons=tuple(labels[i] for i in dead_idx),
+        deaths=deaths, edges=edges, labels=tuple(labels), pairs=pairs,
+    )
+
+
+def _call(model: nn.Module, batch, device):
+    def move(t):
+        return t.to(device) if isinstance(t, torch.Tensor) and device is not None else t
+
+    if isinstance(batch, torch.Tensor):
+        return model(move(batch))
+    if isinstance(batch, dict):
+        return model(**{k: move(v) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return model(move(batch[0]))  # (inputs, targets, ...): the inputs
+    raise TypeError(
+        "each batch must be a tensor of inputs, a tuple/list whose first entry is the inputs, "
+        f"or a dict of keyword arguments of the model; got {type(batch).__name__}"
+    )
+
+
+def inspect(
+    model: nn.Module,
+    batches: Iterable,
+    layers="auto",
+    mode: str = "flatten",
+    *,
+    k: int = 10,
+    dissimilarity: str = "abs",
+    pooled: bool = True,
+    max_neurons: int = 4096,
+    keep_samples: int = 512,
+    backend: str = "auto",
+) -> RedundancyReport:
+    """Map the redundant neurons of a trained model: MST deaths, dead neurons, top pairs.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Run in ``eval()`` mode under ``torch.no_grad()`` (its mode is restored after).
+    batches : iterable
+        Each item a tensor of inputs, a tuple / list ``(inputs, targets, ...)`` or a dict of
+        keyword arguments of the model; tensors are moved to the model's device.
+    layers : "auto" | list of nn.Module | list of str
+        As for :class:`topodecorr.Decorrelation` (``"auto"``: the activation modules and the
+        model's output).
+    mode : {"flatten", "channel"}
+        A conv map's every entry is a neuron, or one neuron per channel (positions are samples).
+    k : int
+        Pairs reported per cloud.
+    dissimilarity : {"abs", "sqrt"}
+    pooled : bool
+        Also build the pooled cloud of all layers.
+    max_neurons : int
+        Refuse clouds above this size (the correlation matrix is n x n float64).
+    keep_samples : int
+        Rows of activations kept per layer for :meth:`RedundancyReport.activations` and the
+        scatter plots.
+    backend : str
+        MST kernel (see :func:`topodecorr.mst_deaths`).
+
+    Returns
+    -------
+    RedundancyReport
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
+    >>> with torch.no_grad():
+    ...     net[0].weight[1] = net[0].weight[0]; net[0].bias[1] = net[0].bias[0]   # a duplicate
+    >>> report = inspect(net, [torch.randn(64, 4) for _ in range(3)])
+    >>> report.pooled.pairs[0].a, report.pooled.pairs[0].b, round(report.pooled.pairs[0].correlation, 6)
+    (('1', 0), ('1', 1), 1.0)
+    """
+    from .capture import _resolve_layers
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if mode not in ("flatten", "channel"):
+        raise ValueError(f"unknown mode {mode!r}; choose 'flatten' or 'channel'")
+    if dissimilarity not in DISSIMILARITIES:
+        raise ValueError(f"unknown dissimilarity {dissimilarity!r}; choose one of {DISSIMILARITIES}")
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"k (pairs per cloud) must be a positive integer, got {k!r}")
+    if isinstance(batches, torch.Tensor):
+        raise TypeError("batches must be an iterable of batches (e.g. [x] or a DataLoader), not one tensor")
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module):
+        model = inner
+    modules, capture_output = _resolve_layers(model, layers)
+    names = {id(m): (name or type(m).__name__) for name, m in model.named_modules()}
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+
+    calls: list[tuple[int, torch.Tensor]] = []
+
+    def hook_for(i):
+        def hook(_module, _inputs, output):
+            if isinstance(output, torch.Tensor):
+                calls.append((i, output))
+
+        return hook
+
+    out_index = len(modules)
+
+    def output_hook(_module, _inputs, output):
+        if isinstance(output, torch.Tensor) and not any(t is output for _, t in calls):
+            calls.append((out_index, output))
+
+    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
+    if capture_output:
+        handles.append(model.register_forward_hook(output_hook))
+
+    layer_names: list[str] | None = None
+    sizes: list[int] = []
+    moments: list[_Moments] = []
+    pooled_m: _Moments | None = None
+    kept: list[list[torch.Tensor]] = []
+    n_batches = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                calls.clear()
+                _call(model, batch, device)
+                if not calls:
+                    raise ValueError(
+                        "the forward pass produced no tensor at the chosen layers; pass layers= "
+                        "naming modules that return tensors"
+                    )
+                acts = []
+                for i, t in calls:
+                    if t.dim() < 2:
+                        raise ValueError(
+                            f"layer output of shape {tuple(t.shape)} has no batch dimension plus units"
+                        )
+                    if mode == "channel" and t.dim() > 2:
+                        acts.append(t.movedim(1, -1).reshape(-1, t.shape[1]))
+                    else:
+                        acts.append(t.reshape(t.shape[0], -1))
+                if layer_names is None:
+                    layer_names = _layer_names(calls, modules, names, out_index)
+                    sizes = [a.shape[1] for a in acts]
+                    rows = {a.shape[0] for a in acts}
+                    use_pooled = pooled and len(rows) == 1 and len(acts) > 1
+                    biggest = sum(sizes) if use_pooled else max(sizes)
+                    if biggest > max_neurons:
+                        raise ValueError(
+                            f"{'the pooled cloud' if use_pooled else 'a layer'} has {biggest} neurons "
+                            f"(layers {dict(zip(layer_names, sizes))}); its correlation matrix would be too "
+                            f"large for max_neurons={max_neurons}: choose fewer layers (layers=[...]), "
+                            "mode='channel' for conv maps, pooled=False, or raise max_neurons"
+                        )
+                    moments = [_Moments() for _ in acts]
+                    pooled_m = _Moments() if use_pooled else None
+                    kept = [[] for _ in acts]
+                elif [a.shape[1] for a in acts] != sizes:
+                    raise ValueError(
+                        f"batch {n_batches} produced layers of different sizes than the first batch: "
+                        "every batch must run the same layers with the same output shapes"
+                    )
+                if pooled_m is not None:
+                    pooled_m.add(torch.cat(acts, dim=1))
+                else:
+                    for m, a in zip(moments, acts):
+                        m.add(a)
+                for store, a in zip(kept, acts):
+                    have = sum(x.shape[0] for x in store)
+                    if have < keep_samples:
+                        store.append(a[: keep_samples - have].detach().float().cpu())
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    if n_batches == 0:
+        raise ValueError("batches is empty: pass at least one batch of inputs (e.g. [x] or a DataLoader)")
+    rows = pooled_m.rows if pooled_m is not None else moments[0].rows
+    if rows < 2:
+        raise ValueError(f"only {rows} sample was seen: a correlation needs at least 2 samples")
+    assert layer_names is not None
+    labels = [[(name, i) for i in range(size)] for name, size in zip(layer_names, sizes)]
+    clouds = []
+    pooled_cloud = None
+    if pooled_m is not None:
+        corr, dead = pooled_m.correlation()
+        start = 0
+        for name, lab in zip(layer_names, labels):
+            sl = slice(start, start + len(lab))
+            clouds.append(_cloud(name, corr[sl, sl], dead[sl], lab, k, dissimilarity, backend))
+            start += len(lab)
+        flat = [x for lab in labels for x in lab]
+        pooled_cloud = _cloud("pooled", corr, dead, flat, k, dissimilarity, backend)
+    else:
+        for name, lab, m in zip(layer_names, labels, moments):
+            corr, dead = m.correlation()
+            clouds.append(_cloud(name, corr, dead, lab, k, dissimilarity, backend))
+    if len(clouds) == 1 and pooled and pooled_cloud is None:
+        pooled_cloud = clouds[0]
+    kept_by_name = {
+        name: torch.cat(store) if store else torch.zeros(0, size)
+        for name, store, size in zip(layer_names, kept, sizes)
+    }
+    return RedundancyReport(
+        layers=tuple(clouds), pooled=pooled_cloud, samples=rows, batches=n_batches, mode=mode,
+        dissimilarity=dissimilarity, _kept=kept_by_name,
+    )
+
+
+def _layer_names(calls, modules, names, out_index) -> list[str]:
+    seen: dict[int, int] = {}
+    result = []
+    for i, _ in calls:
+        if i == out_index:
+            result.append("output")
+            continue
+        seen[i] = seen.get(i, 0) + 1
+        base = names.get(id(modules[i]), type(modules[i]).__name__)
+        result.append(base if seen[i] == 1 else f"{base}#{seen[i]}")
+    return result

@@ -1,0 +1,197 @@
+"""topodecorr.inspect: the redundancy map of a trained model, against numpy / scipy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.sparse.csgraph import minimum_spanning_tree
+from torch import nn
+
+import topodecorr as td
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _batches(n=4, b=50, d=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, d, generator=g) for _ in range(n)]
+
+
+def _reference_acts(model, batches):
+    """Every hidden activation module's output and the logits, by hand (no hooks)."""
+    with torch.no_grad():
+        x = torch.cat(batches)
+        h1 = model[1](model[0](x))
+        h2 = model[3](model[2](h1))
+        out = model[4](h2)
+    return {"1": h1.double().numpy(), "3": h2.double().numpy(), "output": out.double().numpy()}
+
+
+def _ref_corr(a):
+    """np.corrcoef with the library's convention for constant columns (correlation 0, 1 on the diagonal)."""
+    std = a.std(axis=0)
+    dead = std <= 1e-12 * np.maximum(1.0, np.abs(a).max(axis=0))
+    safe = np.where(dead[None, :], np.arange(a.shape[0])[:, None] * 1.0, a)  # any non-constant stand-in
+    c = np.corrcoef(safe, rowvar=False)
+    c[dead, :] = 0.0
+    c[:, dead] = 0.0
+    np.fill_diagonal(c, 1.0)
+    return c, dead
+
+
+def _ref_mst_deaths(c):
+    D = 1.0 - np.abs(c)
+    np.fill_diagonal(D, 0.0)
+    # scipy drops zero-weight edges: shift every off-diagonal weight by 1 and subtract it again
+    W = np.where(np.eye(len(D), dtype=bool), 0.0, D + 1.0)
+    tree = minimum_spanning_tree(W).toarray()
+    return np.sort(tree[tree > 0] - 1.0)
+
+
+def test_deaths_and_correlations_match_numpy_and_scipy():
+    model, batches = _mlp(), _batches()
+    report = td.inspect(model, batches, k=5)
+    ref = _reference_acts(model, batches)
+    assert [c.name for c in report.layers] == ["1", "3", "output"]
+    assert report.samples == 200 and report.batches == 4
+    for name, a in ref.items():
+        c, _ = _ref_corr(a)
+        np.testing.assert_allclose(report[name].deaths.numpy(), _ref_mst_deaths(c), atol=1e-9)
+        for p in report[name].pairs:
+            assert p.a[0] == p.b[0] == name
+            assert p.correlation == pytest.approx(c[p.a[1], p.b[1]], abs=1e-9)
+            assert p.death == pytest.approx(1 - abs(c[p.a[1], p.b[1]]), abs=1e-9)
+    pooled = np.concatenate(list(ref.values()), axis=1)
+    c, _ = _ref_corr(pooled)
+    assert report.pooled.neurons == 16 + 8 + 3
+    np.testing.assert_allclose(report.pooled.deaths.numpy(), _ref_mst_deaths(c), atol=1e-9)
+    # the first pair is the most correlated pair of the whole cloud
+    off = np.abs(c) - np.eye(len(c)) * 2
+    assert report.pooled.pairs[0].death == pytest.approx(1 - off.max(), abs=1e-9)
+    # the tree spans the cloud: n - 1 edges, every index named by its label
+    assert report.pooled.edges.shape == (26, 2)
+    assert len({int(i) for i in report.pooled.edges.flatten()}) == 27
+    assert report.pooled.labels[16] == ("3", 0)
+
+
+def test_result_does_not_depend_on_batching():
+    model = _mlp()
+    batches = _batches(n=4, b=50)
+    whole = td.inspect(model, [torch.cat(batches)])
+    split = td.inspect(model, batches)
+    torch.testing.assert_close(whole.pooled.deaths, split.pooled.deaths, atol=1e-10, rtol=0)
+
+
+def test_planted_duplicate_neurons_rank_first_with_correlation_one():
+    model = _mlp(seed=3)
+    with torch.no_grad():  # neuron 7 of the first hidden layer becomes a copy of neuron 3
+        model[0].weight[7] = model[0].weight[3]
+        model[0].bias[7] = model[0].bias[3] + 0.5  # both strictly positive on most inputs
+        model[0].bias[3] += 0.5
+    report = td.inspect(model, _batches())
+    for cloud in (report["1"], report.pooled):
+        top = cloud.pairs[0]
+        assert {top.a, top.b} == {("1", 3), ("1", 7)}
+        assert top.correlation == pytest.approx(1.0, abs=1e-9)
+        assert top.death == pytest.approx(0.0, abs=1e-9)
+        assert cloud.pairs[1].death > 1e-3  # nothing else is a duplicate
+    assert "1[3] ~ 1[7]" in report.to_markdown()
+
+
+def test_dead_neurons_are_counted_and_get_deaths_of_one():
+    model = _mlp(seed=4)
+    with torch.no_grad():  # ReLU units 0, 5, 9 never fire
+        for i in (0, 5, 9):
+            model[0].weight[i] = 0.0
+            model[0].bias[i] = -1.0
+    report = td.inspect(model, _batches())
+    layer = report["1"]
+    assert layer.dead == 3 and layer.dead_neurons == (("1", 0), ("1", 5), ("1", 9))
+    assert report["3"].dead == 0 and report.pooled.dead == 3
+    # a dead neuron has correlation 0 with every other one: its tree edge has death 1
+    dead_edges = [r for r, (i, j) in enumerate(layer.edges.tolist()) if {i, j} & {0, 5, 9}]
+    assert len(dead_edges) >= 3
+    assert all(layer.deaths[r] == 1.0 for r in dead_edges)
+    assert "Dead neurons (3)" in report.to_markdown()
+
+
+def test_channel_mode_matches_a_hand_built_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3), nn.ReLU(), nn.Flatten())
+    xs = [torch.randn(6, 2, 7, 7) for _ in range(2)]
+    report = td.inspect(model, xs, mode="channel", layers=["1", "3"])
+    assert [c.name for c in report.layers] == ["1", "3"]
+    assert report.pooled is None  # 7x7 and 5x5 maps: the layers share no samples
+    with torch.no_grad():
+        h = model[1](model[0](torch.cat(xs)))
+    a = h.movedim(1, -1).reshape(-1, 5).double().numpy()
+    c, _ = _ref_corr(a)
+    np.testing.assert_allclose(report["1"].deaths.numpy(), _ref_mst_deaths(c), atol=1e-9)
+    assert report["1"].neurons == 5 and report.samples == 12 * 49
+
+
+def test_model_mode_and_gradients_are_left_alone():
+    model = _mlp().train()
+    td.inspect(model, _batches(n=1))
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert not model._forward_hooks and not model[1]._forward_hooks
+
+
+def test_batches_as_tuples_and_dicts():
+    model = _mlp()
+    xs = _batches(n=2)
+    a = td.inspect(model, [(x, torch.zeros(len(x))) for x in xs])
+    b = td.inspect(model, xs)
+    torch.testing.assert_close(a.pooled.deaths, b.pooled.deaths)
+
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, inputs):
+            return self.net(inputs)
+
+    c = td.inspect(Kw(), [{"inputs": x} for x in xs])
+    torch.testing.assert_close(c.pooled.deaths, b.pooled.deaths)
+    assert [l.name for l in c.layers] == ["net.1", "net.3", "output"]
+
+
+def test_bad_input_gives_clear_errors():
+    model = _mlp()
+    with pytest.raises(ValueError, match="batches is empty"):
+        td.inspect(model, [])
+    with pytest.raises(ValueError, match="matches no module"):
+        td.inspect(model, _batches(n=1), layers=["encoder.*"])
+    with pytest.raises(TypeError, match="nn.Module"):
+        td.inspect({"weight": torch.zeros(2)}, _batches(n=1))
+    with pytest.raises(TypeError, match="iterable of batches"):
+        td.inspect(model, torch.randn(10, 6))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        td.inspect(model, [torch.randn(1, 6)])
+    with pytest.raises(ValueError, match="max_neurons"):
+        td.inspect(model, _batches(n=1), max_neurons=10)
+    with pytest.raises(td.NonFiniteActivationsError):
+        td.inspect(model, [torch.full((4, 6), float("nan"))])
+    with pytest.raises(ValueError, match="unknown mode"):
+        td.inspect(model, _batches(n=1), mode="pixels")
+
+
+@pytest.mark.slow
+def test_save_writes_markdown_and_figures(tmp_path):
+    report = td.inspect(_mlp(), _batches(n=2), k=3)
+    path = report.save(tmp_path / "out")
+    text = path.read_text()
+    assert path.name == "inspect.md" and "| pooled | 27 |" in text
+    assert "![MST deaths per layer](deaths.png)" in text
+    for png in ("deaths.png", "pairs.png"):
+        data = (tmp_path / "out" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    # the scatter uses the kept activations of the first samples
+    p = report.pooled.pairs[0]
+    assert report.activations(p.a).shape == (100,)
