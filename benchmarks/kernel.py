@@ -53,7 +53,7 @@ from _timing import Timer, machine_info, markdown_table, time_interleaved, write
 
 import topodecorr as td  # noqa: E402
 from topodecorr._kernels import mst_edges  # noqa: E402
-from topodecorr.persistence import _upper_gram  # noqa: E402
+from topodecorr.correlation import correlation_product  # noqa: E402
 
 B = 256
 
@@ -328,7 +328,7 @@ def bench_pipeline(n: int, args, timer: Timer, threads: int) -> list[dict]:
     grams = {"gram: full Z^T Z": lambda: z.T @ z}
     for blk in (128, 256, 512, 1024, 2048):
         if blk < n:
-            grams[f"gram: upper blocks of {blk}"] = lambda blk=blk: _upper_gram(z, blk)
+            grams[f"gram: upper blocks of {blk}"] = lambda blk=blk: correlation_product(z, block=blk)
     res = time_interleaved(grams, repeats=timer.repeats, warmup=timer.warmup)
     rows += [timer.row(k, v, n=n, group="gram", threads=threads) for k, v in res.items()]
     return rows

@@ -320,3 +320,45 @@ def test_correlation_errors(acts, exc, match):
 def test_dissimilarity_bad_kind():
     with pytest.raises(ValueError, match=r"unknown dissimilarity kind 'one_minus'.*abs.*sqrt"):
         dissimilarity(torch.zeros(3), kind="one_minus")
+
+
+# --------------------------------------------------------------------------- package-internal products
+
+
+@pytest.mark.parametrize("block", [None, 1, 4, 7, 100])
+def test_correlation_product_every_path_equals_numpy(block):
+    from topodecorr.correlation import correlation_product
+
+    z, _ = normalize_activations(torch.from_numpy(S.make_activations("lowrank", 30, 23, seed=2)))
+    C = correlation_product(z, block=block)
+    ref = z.numpy().T @ z.numpy()
+    np.testing.assert_allclose(C.numpy(), ref, rtol=0, atol=1e-12)
+    if block is not None and block < 23:
+        off = torch.ones(23, 23, dtype=torch.bool)
+        for s in range(0, 23, block):
+            off[s : s + block, s : s + block] = False  # the diagonal blocks come from mm as they are
+        assert torch.equal(C[off], C.T[off]), "off the diagonal blocks the product is an exact mirror"
+
+
+@pytest.mark.parametrize("block", [0, -1])
+def test_correlation_product_rejects_non_positive_block(block):
+    from topodecorr.correlation import correlation_product
+
+    with pytest.raises(ValueError, match="block must be a positive width"):
+        correlation_product(torch.randn(8, 5), block=block)
+
+
+def test_pair_correlations_match_the_matrix_and_clip_in_value_only():
+    from topodecorr.correlation import pair_correlations
+
+    acts = torch.from_numpy(S.make_activations("gaussian", 40, 9, seed=1)).requires_grad_(True)
+    z, _ = normalize_activations(acts)
+    lo, hi = torch.tensor([0, 2, 3]), torch.tensor([5, 8, 4])
+    c = pair_correlations(z, lo, hi)
+    torch.testing.assert_close(c, correlation(acts)[lo, hi], rtol=0, atol=1e-12)
+    # a duplicated neuron: rounding may give |c| > 1; the value is clipped, the gradient is kept
+    zz = torch.stack([z[:, 0], z[:, 0] * (1 + 1e-15)], dim=1).detach().requires_grad_(True)
+    c2 = pair_correlations(zz, torch.tensor([0]), torch.tensor([1]))
+    assert c2.item() <= 1.0
+    c2.sum().backward()
+    torch.testing.assert_close(zz.grad, zz.detach().flip(1), rtol=0, atol=1e-12)

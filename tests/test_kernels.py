@@ -332,3 +332,32 @@ def test_boruvka_makes_no_data_dependent_host_reads():
         assert e.shape == (39, 2)
         res = mst_deaths(W, backend="boruvka", validate=False)
         assert res.deaths.shape == (39,)
+
+
+# --------------------------------------------------------------------------- validation statistics
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 65, 200])
+def test_matrix_stats_compiled_and_torch_agree_with_numpy(monkeypatch, dtype, n):
+    rng = np.random.default_rng(n)
+    A = rng.standard_normal((n, n)).astype(dtype)
+    A = A + A.T
+    i, j = rng.integers(0, n, 2)
+    A[i, j] += 0.25  # one asymmetric entry (none when i == j)
+    ref = (True, float(A.min()), float(A.max()), float(np.abs(A - A.T).max()))
+    compiled = K.matrix_stats(torch.from_numpy(A))
+    monkeypatch.setattr(K, "_numba_available", lambda: False)
+    fallback = K.matrix_stats(torch.from_numpy(A))
+    for got in (compiled, fallback):
+        assert got[0] is True
+        np.testing.assert_allclose(got[1:], ref[1:], rtol=1e-6 if dtype == np.float32 else 1e-12, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_matrix_stats_reports_non_finite(monkeypatch, bad):
+    A = np.zeros((70, 70), dtype=np.float32)
+    A[69, 3] = bad
+    assert K.matrix_stats(torch.from_numpy(A))[0] is False
+    monkeypatch.setattr(K, "_numba_available", lambda: False)
+    assert K.matrix_stats(torch.from_numpy(A))[0] is False

@@ -118,9 +118,90 @@ def normalize_activations(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return z, dead
 
 
-def _clip_unit_straight_through(c: torch.Tensor) -> torch.Tensor:
-    """Clip values to [-1, 1] without touching the gradient."""
+def clip_unit(c: torch.Tensor) -> torch.Tensor:
+    """Clip values to [-1, 1] in value only: the gradient passes straight through.
+
+    Package-internal (not in ``__all__``): the pipelines use it on correlations
+    recomputed from normalised activations, which rounding can push past +-1.
+    """
     return c + (c.detach().clamp(-1.0, 1.0) - c.detach())
+
+
+def correlation_product(z: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """The raw product ``Z^T Z`` (n, n) of normalised activations, without gradient.
+
+    Package-internal (not in ``__all__``): what the fused pipeline hands to the
+    MST kernel. Not symmetrised, not clipped: the kernels read it as correlations.
+
+    Parameters
+    ----------
+    z : Tensor, shape (B, n)
+        Normalised activations (:func:`normalize_activations`).
+    block : int, optional
+        Block width for computing only the blocks on and above the diagonal with
+        torch (symmetry), ``block >= n`` for one full product. ``None`` picks the
+        measured default: on the CPU, NumPy's ``A.T @ A`` (BLAS syrk, upper half
+        only, exactly symmetric; 3-4x faster than torch's ``mm`` at n = 1010,
+        B = 256 on one thread); elsewhere blocks of 512 when ``n >= 2048`` and
+        either ``B >= 512`` or torch runs one CPU thread, else one full product
+        (BENCHMARKS.md, "Kernels").
+
+    Returns
+    -------
+    Tensor, shape (n, n), on ``z.device``, in ``z.dtype``.
+    """
+    with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
+        zd = z.detach()
+        n = zd.shape[1]
+        if block is None:
+            if zd.device.type == "cpu":
+                a = zd.contiguous().numpy()
+                return torch.from_numpy(a.T @ a)
+            wide = zd.shape[0] >= 512
+            block = 512 if (wide and n >= 2048) else n
+        if block < 1:
+            raise ValueError(f"block must be a positive width, got {block}")
+        return zd.T @ zd if block >= n else _upper_gram(zd, block)
+
+
+def _upper_gram(z: torch.Tensor, block: int) -> torch.Tensor:
+    """Z^T Z computing only the blocks on and above the diagonal, mirrored below.
+
+    Each block row is written straight into its place (no temporary); the
+    blocks off the diagonal are exact mirrors, the diagonal blocks are whatever
+    ``mm`` gives (symmetric up to rounding). Saves ~40% of the flops but pays a transposed
+    copy of the lower half, so it wins only when B is large (BENCHMARKS.md).
+    """
+    n = z.shape[1]
+    C = torch.empty((n, n), dtype=z.dtype, device=z.device)
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        torch.mm(z[:, s:e].T, z[:, s:], out=C[s:e, s:])
+        if e < n:
+            C[e:, s:e] = C[s:e, e:].T
+    return C
+
+
+def pair_correlations(z: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Correlations ``z[:, lo[k]] . z[:, hi[k]]`` of chosen pairs, with gradient, clipped in value.
+
+    Package-internal (not in ``__all__``). Gathers neuron rows of a contiguous
+    (n, B) copy of ``z``: contiguous reads, and a row scatter in the backward
+    (measured ~2x faster than column gathers at n = 4096).
+
+    Parameters
+    ----------
+    z : Tensor, shape (B, n)
+    lo, hi : LongTensor, shape (m,)
+
+    Returns
+    -------
+    Tensor, shape (m,)
+    """
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        zt = z.T.contiguous()
+        c = (zt.index_select(0, lo) * zt.index_select(0, hi)).sum(dim=1)
+        return clip_unit(c)
 
 
 def correlation(acts: torch.Tensor) -> torch.Tensor:

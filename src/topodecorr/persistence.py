@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._kernels import mst_edges
-from .correlation import _clip_unit_straight_through, dissimilarity, normalize_activations
+from ._kernels import matrix_stats, mst_edges
+from .correlation import correlation_product, dissimilarity, normalize_activations, pair_correlations
 
 __all__ = ["Deaths", "mst_deaths", "correlation_deaths", "check_dissimilarity"]
 
@@ -43,17 +43,6 @@ class Deaths(NamedTuple):
 
     deaths: torch.Tensor
     edges: torch.Tensor
-
-
-def _numba_matrix_stats(Dd: torch.Tensor):
-    """(finite, min, max, max asymmetry) from the compiled CPU pass, or None where it does not apply."""
-    if Dd.device.type != "cpu" or Dd.dtype not in (torch.float32, torch.float64):
-        return None
-    try:
-        from ._kernels.numba_prim import matrix_stats
-    except ImportError:  # numba not installed: the torch expression is used
-        return None
-    return matrix_stats(Dd.contiguous().numpy())
 
 
 def _tolerance(D: torch.Tensor, scale: float) -> float:
@@ -75,22 +64,8 @@ def check_dissimilarity(D: torch.Tensor) -> None:
     if D.shape[0] == 0:
         raise ValueError("D is empty (0 x 0): there must be at least one point")
     Dd = D.detach()
-    stats = _numba_matrix_stats(Dd)
-    if stats is not None:
-        # CPU: one tiled pass, no temporaries (the torch expression below, with its
-        # full-size temporaries and transposed read, cost ~40x the MST kernel at n = 4096)
-        finite, low, high, asym = stats
-        scale = max(abs(low), abs(high))
-    else:
-        # every statistic in one tensor, read back with a single host synchronisation
-        finite, scale, low, asym = torch.stack(
-            [
-                torch.isfinite(Dd).all().to(Dd.dtype),
-                Dd.abs().max(),
-                Dd.min(),
-                (Dd - Dd.T).abs().max(),
-            ]
-        ).tolist()
+    finite, low, high, asym = matrix_stats(Dd)
+    scale = max(abs(low), abs(high))
     if not finite:
         bad = (~torch.isfinite(Dd)).nonzero()[0].tolist()
         raise ValueError(f"D contains a non-finite value (NaN or inf), first at index {tuple(bad)}")
@@ -107,10 +82,24 @@ def check_dissimilarity(D: torch.Tensor) -> None:
         )
 
 
-def _gather_sorted(D: torch.Tensor, edges: torch.Tensor) -> Deaths:
-    """Deaths = (D[i, j] + D[j, i]) / 2 on the given edges, clamped at 0 in value only, sorted."""
+def _empty(like: torch.Tensor) -> Deaths:
+    """The result for fewer than two points: no deaths, still attached to ``like``'s graph."""
+    return Deaths(like.new_zeros((0,)) + like.sum() * 0, torch.zeros((0, 2), dtype=torch.long, device=like.device))
+
+
+def _ordered_pairs(edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     i, j = edges[:, 0], edges[:, 1]
-    lo, hi = torch.minimum(i, j), torch.maximum(i, j)
+    return torch.minimum(i, j), torch.maximum(i, j)
+
+
+def _sorted(d: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> Deaths:
+    """Deaths ``d`` of the edges ``(lo, hi)`` (lo < hi), sorted ascending (stable)."""
+    order = torch.sort(d.detach(), stable=True).indices
+    return Deaths(d[order], torch.stack([lo, hi], dim=1)[order])
+
+
+def _edge_weights(D: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``(D[lo, hi] + D[hi, lo]) / 2``, clamped at 0 in value only."""
     if D.is_contiguous():
         # one gather of both symmetric entries: the backward then builds one dense
         # (n, n) gradient instead of two plus their sum (measured ~2x faster at n = 4096)
@@ -119,9 +108,7 @@ def _gather_sorted(D: torch.Tensor, edges: torch.Tensor) -> Deaths:
         d = 0.5 * (both[:m] + both[m:])
     else:
         d = 0.5 * (D[lo, hi] + D[hi, lo])
-    d = d + (d.detach().clamp_min(0.0) - d.detach())
-    order = torch.sort(d.detach(), stable=True).indices
-    return Deaths(d[order], torch.stack([lo, hi], dim=1)[order])
+    return d + (d.detach().clamp_min(0.0) - d.detach())
 
 
 def mst_deaths(D: torch.Tensor, backend: str = "auto", validate: bool = True) -> Deaths:
@@ -162,28 +149,10 @@ def mst_deaths(D: torch.Tensor, backend: str = "auto", validate: bool = True) ->
     """
     if validate:
         check_dissimilarity(D)
-    n = D.shape[0]
-    if n <= 1:
-        return Deaths(D.new_zeros((0,)) + D.sum() * 0, torch.zeros((0, 2), dtype=torch.long, device=D.device))
-    edges = mst_edges(D.detach(), abs_corr=False, backend=backend)
-    return _gather_sorted(D, edges)
-
-
-def _upper_gram(z: torch.Tensor, block: int) -> torch.Tensor:
-    """Z^T Z computing only the blocks on and above the diagonal, mirrored below.
-
-    Each block row is written straight into its place (no temporary); the
-    result is bitwise symmetric. Saves ~40% of the flops but pays a transposed
-    copy of the lower half, so it wins only when B is large (BENCHMARKS.md).
-    """
-    n = z.shape[1]
-    C = torch.empty((n, n), dtype=z.dtype, device=z.device)
-    for s in range(0, n, block):
-        e = min(s + block, n)
-        torch.mm(z[:, s:e].T, z[:, s:], out=C[s:e, s:])
-        if e < n:
-            C[e:, s:e] = C[s:e, e:].T
-    return C
+    if D.shape[0] <= 1:
+        return _empty(D)
+    lo, hi = _ordered_pairs(mst_edges(D.detach(), abs_corr=False, backend=backend))
+    return _sorted(_edge_weights(D, lo, hi), lo, hi)
 
 
 def correlation_deaths(
@@ -216,11 +185,9 @@ def correlation_deaths(
         This is an approximation once the activations have moved.
     gram_block : int, optional
         Block width for computing only the upper half of the correlation
-        product (symmetry) with torch; ``None`` picks a measured default: on the
-        CPU, NumPy's ``A.T @ A`` (BLAS syrk, upper half only); elsewhere blocks of 512
-        when ``n >= 2048`` and either ``B >= 512`` or torch runs one CPU thread,
-        else one full product (the transposed copy of the lower half does not
-        speed up with threads, the product does; see BENCHMARKS.md, "Kernels").
+        product (symmetry) with torch, ``>= n`` for one full product; ``None``
+        picks a measured default (see :func:`topodecorr.correlation.correlation_product`:
+        NumPy's syrk on the CPU).
 
     Returns
     -------
@@ -240,35 +207,14 @@ def correlation_deaths(
     z, _dead = normalize_activations(acts)
     n = z.shape[1]
     if n <= 1:
-        return Deaths(z.new_zeros((0,)) + z.sum() * 0, torch.zeros((0, 2), dtype=torch.long, device=z.device))
+        return _empty(z)
     if edges is None:
-        with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
-            zd = z.detach()
-            if gram_block is None and zd.device.type == "cpu":
-                # NumPy sends A^T A (same buffer, transposed) to BLAS syrk: half the flops and an
-                # exactly symmetric result; measured 3-4x faster than torch's mm at n = 1010,
-                # B = 256 on one thread (BENCHMARKS.md, "Training overhead").
-                a = zd.contiguous().numpy()
-                C = torch.from_numpy(a.T @ a)
-                gram_block = -1
-            elif gram_block is None:
-                wide = zd.shape[0] >= 512 or (zd.device.type == "cpu" and torch.get_num_threads() == 1)
-                gram_block = 512 if (wide and n >= 2048) else n
-            if gram_block != -1:
-                C = zd.T @ zd if gram_block >= n else _upper_gram(zd, gram_block)
-            edges = mst_edges(C, abs_corr=True, backend=backend)
+        edges = mst_edges(correlation_product(z, block=gram_block), abs_corr=True, backend=backend)
     else:
         if edges.shape != (n - 1, 2):
             raise ValueError(f"edges must have shape ({n - 1}, 2) for {n} neurons, got {tuple(edges.shape)}")
         edges = edges.to(z.device)
-    i, j = edges[:, 0], edges[:, 1]
-    lo, hi = torch.minimum(i, j), torch.maximum(i, j)
+    lo, hi = _ordered_pairs(edges)
     with torch.autocast(device_type=z.device.type, enabled=False):
-        # gather neuron rows of a contiguous (n, B) copy: contiguous reads, and a row
-        # scatter in the backward (measured ~2x faster than column gathers at n = 4096)
-        zt = z.T.contiguous()
-        c = (zt.index_select(0, lo) * zt.index_select(0, hi)).sum(dim=1)
-        c = _clip_unit_straight_through(c)
-        d = dissimilarity(c, kind)
-    order = torch.sort(d.detach(), stable=True).indices
-    return Deaths(d[order], torch.stack([lo, hi], dim=1)[order])
+        d = dissimilarity(pair_correlations(z, lo, hi), kind)
+    return _sorted(d, lo, hi)

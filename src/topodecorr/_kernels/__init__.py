@@ -12,6 +12,11 @@ where the kernel can). It returns a LongTensor (n - 1, 2) on the input's device.
 ``backend="auto"`` chooses ``"boruvka"`` for tensors on an accelerator (the
 matrix never leaves the device), and on the CPU ``"numba"`` when numba is
 installed, else ``"numpy"`` (much slower; a warning says so once).
+
+:func:`matrix_stats` gives the statistics input validation needs (finite,
+min, max, largest asymmetry) by the fastest pass available for the tensor:
+one compiled pass on the CPU when numba is installed, else torch reductions
+read back with one host synchronisation.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["KERNELS", "Kernel", "available_backends", "resolve_backend", "mst_edges"]
+__all__ = ["KERNELS", "Kernel", "available_backends", "resolve_backend", "mst_edges", "matrix_stats"]
 
 
 @dataclass(frozen=True)
@@ -121,3 +126,20 @@ def mst_edges(M: torch.Tensor, abs_corr: bool = False, backend: str = "auto") ->
     """Indices of a minimum spanning tree's edges, LongTensor (n - 1, 2) on ``M.device``."""
     kernel = resolve_backend(backend, M.device)
     return kernel.run(M, abs_corr).to(M.device)
+
+
+def matrix_stats(M: torch.Tensor) -> tuple[bool, float, float, float]:
+    """``(all finite, min, max, max |M - M.T|)`` of a square float matrix, as Python scalars.
+
+    The asymmetry is meaningless (possibly ``nan``) when the matrix is not finite.
+    """
+    M = M.detach()
+    if M.device.type == "cpu" and M.dtype in (torch.float32, torch.float64) and _numba_available():
+        from . import numba_prim
+
+        return numba_prim.matrix_stats(M.contiguous().numpy())
+    # every statistic in one tensor, read back with a single host synchronisation
+    finite, low, high, asym = torch.stack(
+        [torch.isfinite(M).all().to(M.dtype), M.min(), M.max(), (M - M.T).abs().max()]
+    ).tolist()
+    return bool(finite), low, high, asym
