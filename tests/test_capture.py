@@ -123,25 +123,64 @@ def test_custom_forward_model_and_forward_runs_once():
     assert m.calls - before == 1
 
 
-def test_transformer_encoder_block_auto_and_explicit_layers():
+def test_transformer_encoder_block_auto_is_its_ffn_units_features_last():
+    from references import reference_penalty
+
     torch.manual_seed(4)
     block = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
-    x = torch.randn(6, 5, 8)  # (batch, tokens, features): every (token, feature) entry is a neuron
-    # no activation modules here (F.relu inside): auto falls back to Linear outputs + the block output
-    reg = td.Decorrelation(block)
-    assert all(isinstance(mod, nn.Linear) for mod in reg.modules)
+    x = torch.randn(6, 5, 8)  # (batch, tokens, features)
+    # the nonlinearity is functional (F.relu): auto takes the first FFN projection, linear1
+    reg = td.Decorrelation(block, penalty="t2", weight=0.5)
+    assert reg.modules == [block.linear1] and reg.modes == ["features_last"] and reg.pooled is False
+    seen = {}
+    block.linear1.register_forward_hook(lambda mod, i, o: seen.__setitem__("h", o))
+    with reg:
+        block(x)
+        assert [tuple(a.shape) for a in reg.captured_activations()] == [(30, 16)]  # B*T samples, 16 units
+        p = reg.penalty()
+    assert reg.last_stats.clouds == (16,)
+    q = 0.5 * reference_penalty([seen["h"].reshape(30, 16)], "t2")
+    torch.testing.assert_close(p.double(), q, rtol=1e-5, atol=1e-6)
+    params = list(block.parameters())
+    gp = torch.autograd.grad(p, params, retain_graph=True, allow_unused=True)
+    gq = torch.autograd.grad(q, params, allow_unused=True)
+    for a, b in zip(gp, gq):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # explicit layers keep the given mode: flatten makes every (token, feature) a neuron
+    with td.Decorrelation(block, layers=["linear1"], mode="flatten") as flat:
+        block(x)
+        flat.penalty()
+    assert flat.last_stats.neurons == 5 * 16
 
-    def ref_auto(x):
-        h = block.linear1(block.norm1(x + block._sa_block(x, None, None)))
-        return [h, block.linear2(torch.relu(h)), block_forward_unhooked(x)]
 
-    def block_forward_unhooked(x):
-        h = block.norm1(x + block._sa_block(x, None, None))
-        return block.norm2(h + block.linear2(torch.relu(block.linear1(h))))
+def test_transformer_encoder_stack_one_cloud_per_block_and_module_activation():
+    from references import reference_penalty
 
-    torch.testing.assert_close(block_forward_unhooked(x), block(x))
-    _check_against_reference(block, x, ref_auto, "t1")
-    _check_against_reference(block, x, lambda x: ref_auto(x)[:1], "t2", layers=["linear1"])
+    torch.manual_seed(14)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=12, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False)
+    x = torch.randn(4, 6, 8)
+    outs = []
+    for blk in enc.layers:
+        blk.linear1.register_forward_hook(lambda mod, i, o: outs.append(o))
+    with td.Decorrelation(enc, penalty="t1", weight=1.0) as reg:
+        assert reg.modules == [blk.linear1 for blk in enc.layers]
+        enc(x)
+        p = reg.penalty()
+    assert reg.last_stats.clouds == (12, 12, 12) and reg.last_stats.neurons == 36
+    q = reference_penalty([o.reshape(24, 12) for o in outs], "t1")
+    torch.testing.assert_close(p.double(), q, rtol=1e-5, atol=1e-6)
+    pooled = td.Decorrelation(enc, pooled=True)  # explicit pooling: one cloud of all blocks (same B*T)
+    with pooled:
+        enc(x)
+        pooled.penalty()
+    assert pooled.last_stats.clouds == (36,)
+    # an activation module inside the block: read after it
+    gelu = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True, activation=nn.GELU())
+    assert td.Decorrelation(gelu).modules == [gelu.activation]
 
 
 def test_auto_rule_picks_nonlinearities_and_output_for_sequential():
@@ -407,30 +446,6 @@ def test_compiled_wrapper_is_unwrapped_and_nonfinite_activations_raise():
         assert reg._captured == []
 
 
-def test_transformer_block_auto_layers_match_own_hooks():
-    torch.manual_seed(12)
-    block = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
-    seen = {}
-    for name in ("linear1", "linear2"):
-        block.get_submodule(name).register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(name, o))
-    x = torch.randn(24, 5, 8)
-    with td.Decorrelation(block, penalty="t2", weight=0.5) as reg:
-        names = {n for n, mod in block.named_modules() if any(mod is r for r in reg.modules)}
-        assert names == {"self_attn.out_proj", "linear1", "linear2"}  # out_proj never fires
-        out = block(x)
-        assert [t.shape for _, t in reg._captured] == [(24, 5, 16), (24, 5, 8)]
-        p = reg.penalty()
-    grads = torch.autograd.grad(p, list(block.parameters()), retain_graph=True, allow_unused=True)
-    ref = explicit_penalty([seen["linear1"], seen["linear2"], out], "t2", weight=0.5)
-    ref_grads = torch.autograd.grad(ref, list(block.parameters()), allow_unused=True)
-    torch.testing.assert_close(p, ref)
-    for a, b in zip(grads, ref_grads):
-        if b is None:
-            assert a is None
-        else:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-
 def test_compiled_before_attach_is_not_seen_until_dynamo_reset():
     torch.manual_seed(13)
     m = _mlp()
@@ -486,3 +501,114 @@ def test_dead_neurons_drop_with_tree_reuse_keeps_the_live_set():
             assert reg.last_stats.neurons == 10 and reg.last_stats.dead == 3
     with pytest.raises(ValueError, match="dead_neurons"):
         td.Decorrelation(model, dead_neurons="zero")
+
+
+# --------------------------------------------------------------------------- real architectures (optional deps)
+
+
+def _ffn_names(model, reg):
+    return [n for n, mod in model.named_modules() if any(mod is r for r in reg.modules)]
+
+
+@pytest.mark.slow
+def test_hf_gpt2_auto_is_mlp_act_per_block_value_and_gradient():
+    transformers = pytest.importorskip("transformers")
+    from references import reference_penalty
+
+    torch.manual_seed(15)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2))
+    model.train()
+    ids = torch.randint(0, 100, (3, 8))
+    reg = td.Decorrelation(model, penalty="t1", weight=0.1)
+    assert _ffn_names(model, reg) == ["transformer.h.0.mlp.act", "transformer.h.1.mlp.act"]
+    assert not isinstance(reg.modules[0], nn.GELU)  # HF's NewGELUActivation: found by its package
+    outs = []
+    for blk in model.transformer.h:
+        blk.mlp.act.register_forward_hook(lambda mod, i, o: outs.append(o))
+    with reg:
+        model(ids)
+        p = reg.penalty()
+    assert reg.last_stats.clouds == (256, 256)  # 4 x n_embd feed-forward units per block
+    q = 0.1 * reference_penalty([o.reshape(24, 256) for o in outs], "t1")
+    torch.testing.assert_close(p.double(), q, rtol=1e-5, atol=1e-5)
+    w = [model.transformer.h[0].mlp.c_fc.weight, model.transformer.h[1].attn.c_attn.weight]
+    gp = torch.autograd.grad(p, w, retain_graph=True)
+    gq = torch.autograd.grad(q, w)
+    for a, b in zip(gp, gq):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6 * (1 + float(b.abs().max())))
+
+
+@pytest.mark.slow
+def test_hf_bert_and_timm_vit_auto_pick_the_ffn_activation_per_block():
+    transformers = pytest.importorskip("transformers")
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(16)
+    bert = transformers.BertModel(
+        transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48)
+    )
+    bert.train()
+    reg = td.Decorrelation(bert)
+    assert _ffn_names(bert, reg) == [f"encoder.layer.{k}.intermediate.intermediate_act_fn" for k in range(2)]
+    with reg:
+        bert(torch.randint(0, 100, (3, 7)))
+        reg.penalty()
+    assert reg.last_stats.clouds == (48, 48)  # the pooler's Tanh is not a block's
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4)
+    vit.train()
+    reg = td.Decorrelation(vit, penalty="t2")
+    assert _ffn_names(vit, reg) == [f"blocks.{k}.mlp.act" for k in range(12)]
+    with reg:
+        vit(torch.randn(2, 3, 32, 32))
+        assert all(a.shape == (2 * 65, 768) for a in reg.captured_activations())  # 64 patches + class token
+        reg.penalty()
+    assert reg.last_stats.clouds == (768,) * 12
+
+
+@pytest.mark.slow
+def test_resnet18_every_channel_per_layer_clouds_and_pooling_error():
+    torchvision = pytest.importorskip("torchvision")
+    from references import reference_penalty
+
+    torch.manual_seed(17)
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(4, 3, 32, 32)
+    outs = []
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    for m in relus:
+        m.register_forward_hook(lambda mod, i, o: outs.append(o))
+    with td.Decorrelation(model, mode="channel", pooled=False, weight=1.0) as reg:
+        assert reg.modules == relus
+        logits = model(x)
+        p = reg.penalty()
+    # each BasicBlock calls its ReLU twice: 1 + 16 maps, then the logits
+    assert reg.last_stats.clouds == (64,) * 5 + (128,) * 4 + (256,) * 4 + (512,) * 4 + (10,)
+    ref = reference_penalty([o.movedim(1, -1).reshape(-1, o.shape[1]) for o in outs] + [logits], "t1")
+    torch.testing.assert_close(p.double(), ref, rtol=1e-5, atol=1e-4)
+    with td.Decorrelation(model, mode="channel") as pooled:
+        model(x)
+        with pytest.raises(ValueError, match=r"has 256 samples .* has 1024 .*pass pooled=False"):
+            pooled.penalty()
+
+
+def test_channel_mode_per_layer_clouds_with_their_own_sample_counts():
+    from references import reference_penalty
+
+    torch.manual_seed(18)
+    m = _cnn()
+    x = torch.randn(8, 2, 6, 6)
+    with td.Decorrelation(m, mode="channel", pooled=False, weight=1.0) as reg:
+        m(x)
+        p = reg.penalty()
+    a = m[1](m[0](x))  # (8, 3, 6, 6): 288 samples
+    b = m[4](m[3](m[2](a)))  # (8, 4, 1, 1): 8 samples
+    clouds = [a.movedim(1, -1).reshape(-1, 3), b.reshape(8, 4), m(x)]
+    assert reg.last_stats.clouds == (3, 4, 3)
+    torch.testing.assert_close(p.double(), reference_penalty(clouds, "t1"), rtol=1e-5, atol=1e-6)
+    with td.Decorrelation(m, mode="channel") as pooled:  # the default pools: a clear error
+        m(x)
+        with pytest.raises(ValueError, match="pooled=False"):
+            pooled.penalty()
+    with pytest.raises(ValueError, match="unknown mode"):
+        td.Decorrelation(m, mode="tokens")
+    with pytest.raises(ValueError, match="layers is empty"):
+        td.Decorrelation(m, layers=[])

@@ -81,7 +81,7 @@ def test_flatten_modes_and_errors():
     assert c.shape == (8, 3) and torch.equal(c[:, 1], x[:, 1].reshape(-1))
     with pytest.raises(ValueError, match="batch dimension"):
         flatten_activation(torch.ones(3))
-    with pytest.raises(ValueError, match="batch size"):
+    with pytest.raises(ValueError, match="same samples"):
         td.decorrelation_penalty([torch.ones(3, 2), torch.ones(4, 2)])
     with pytest.raises(ValueError, match="no activations"):
         td.decorrelation_penalty([])
@@ -150,3 +150,79 @@ def test_t1_is_the_same_under_both_dead_neuron_policies_but_t2_is_not():
     torch.testing.assert_close(grads["keep", "t1"][0], grads["drop", "t1"][0])
     torch.testing.assert_close(grads["keep", "t1"][1], grads["drop", "t1"][1])
     assert abs(float(grads["keep", "t2"][0] - grads["drop", "t2"][0])) > 1e-3
+
+
+# --------------------------------------------------------------------------- per-layer clouds, modes
+
+
+@pytest.mark.parametrize("penalty", ["t1", "t2"])
+def test_per_layer_clouds_have_their_own_samples_value_and_gradient(penalty):
+    from references import reference_penalty
+
+    # a ResNet-like set: B*H*W rows shrink with the resolution, the logits have B rows
+    g = torch.Generator().manual_seed(11)
+    acts = [
+        torch.randn(256, 6, generator=g, dtype=torch.float64).relu().requires_grad_(),
+        torch.randn(64, 9, generator=g, dtype=torch.float64).requires_grad_(),
+        torch.randn(16, 4, generator=g, dtype=torch.float64).requires_grad_(),
+    ]
+    r = td.decorrelation_penalty(acts, penalty, weight=0.5, pooled=False, alpha=0.3, return_result=True)
+    assert r.clouds == [6, 9, 4] and r.neurons == 19
+    assert [d.numel() for d in r.deaths] == [5, 8, 3]
+    q = 0.5 * reference_penalty(acts, penalty, alpha=0.3)
+    torch.testing.assert_close(r.value, q)
+    for ga, ha in zip(torch.autograd.grad(r.value, acts), torch.autograd.grad(q, acts)):
+        torch.testing.assert_close(ga, ha)
+
+
+def test_pooling_layers_with_different_sample_counts_says_why_and_suggests_per_layer():
+    acts = [torch.randn(64, 3), torch.randn(64, 2), torch.randn(16, 4)]
+    with pytest.raises(ValueError, match=r"activation 2 has 16 samples.*activation 0 has 64.*pooled=False"):
+        td.decorrelation_penalty(acts, "t1")
+    # the same layers as separate clouds are fine
+    assert torch.isfinite(td.decorrelation_penalty(acts, "t1", pooled=False))
+
+
+def test_features_last_rows_are_batch_times_tokens_and_neurons_the_last_dim():
+    from references import reference_penalty
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)  # (batch, tokens, features)
+    f = flatten_activation(x, "features_last")
+    assert f.shape == (15, 7)
+    for b in range(3):
+        for t in range(5):
+            assert torch.equal(f[b * 5 + t], x[b, t])
+    # 4-D (channels-last map): every position a sample
+    assert flatten_activation(torch.zeros(2, 4, 3, 6), "features_last").shape == (24, 6)
+    # (batch, features) is the same in every mode
+    y = torch.randn(4, 3)
+    for mode in ("flatten", "channel", "features_last"):
+        assert torch.equal(flatten_activation(y, mode), y)
+    # the pipeline on it equals the per-feature reference, value and gradient
+    p = td.decorrelation_penalty([f], "t1")
+    q = reference_penalty([x.reshape(15, 7)], "t1")
+    torch.testing.assert_close(p.double(), q)
+    torch.testing.assert_close(torch.autograd.grad(p, x)[0], torch.autograd.grad(q, x)[0])
+
+
+def test_channel_mode_rows_are_batch_times_positions():
+    x = torch.randn(2, 3, 4, 5)
+    c = flatten_activation(x, "channel")
+    assert c.shape == (40, 3)
+    assert torch.equal(c[1 * 20 + 2 * 5 + 3], x[1, :, 2, 3])
+
+
+@pytest.mark.parametrize(
+    "x, mode, msg",
+    [
+        (torch.ones(3), "features_last", r"mode='features_last' needs .*\(batch, \.\.\., features\).*\(3,\)"),
+        (torch.ones(3), "channel", r"\(batch, channels, \*spatial\)"),
+        (torch.ones(()), "flatten", "batch dimension"),
+        (torch.ones(4, 0, 8), "features_last", "no entries"),
+        (torch.ones(4, 3), "tokens", "unknown mode"),
+    ],
+)
+def test_modes_that_do_not_fit_the_shape_are_clear_errors(x, mode, msg):
+    with pytest.raises(ValueError, match=msg):
+        flatten_activation(x, mode)

@@ -7,26 +7,52 @@ pipeline of :mod:`topodecorr.functional`.
 
 Layer selection with ``layers="auto"``:
 
-* every activation-function module (``nn.ReLU``, ``nn.GELU``, ``nn.Tanh``, ...)
-  is a hidden layer, read after its nonlinearity (for ``nn.Sequential`` MLPs and
-  CNNs this is exactly the paper's rule);
-* the model's own output is the output layer, read as logits, when it is a
-  tensor;
-* a model whose nonlinearities are functional (``F.relu`` inside ``forward``,
-  as in ``nn.TransformerEncoderLayer``) has no activation modules: then every
-  ``nn.Linear`` / ``nn.Conv*d`` module's output is captured instead
-  (pre-activation), plus the model output. Pass ``layers=`` explicitly to choose.
+* **Transformers.** When the model has transformer blocks, ``"auto"`` takes
+  one point cloud per block over its feed-forward hidden units, read with
+  ``mode="features_last"`` (tokens are samples, the FFN's features the
+  neurons) and ``pooled=False`` by default; nothing else is captured (no
+  model output, no pooler or head). A block is a smallest module holding an
+  attention module (``nn.MultiheadAttention`` or a class whose name contains
+  "Attention") and, outside it, an activation module or a dense projection,
+  with no 2-D / 3-D convolution inside. In the block the unit read is its
+  first activation module (after the nonlinearity; Hugging Face's activation
+  classes count, although they are not ``nn.GELU`` subclasses), else its first
+  projection (``nn.Linear`` or Hugging Face's ``Conv1D``, before the
+  nonlinearity). Checked on real objects with random weights:
+
+  - ``nn.TransformerEncoderLayer`` (and each layer of ``nn.TransformerEncoder``):
+    ``linear1``, the FFN's hidden units before the activation (the default
+    activation is the function ``F.relu``, not a module); with
+    ``activation=nn.GELU()`` (a module) its ``activation``, after it;
+  - Hugging Face GPT-2 (``GPT2LMHeadModel``, ``GPT2Model``): ``transformer.h.N.mlp.act``
+    (``NewGELUActivation``, after the nonlinearity; 4 x n_embd neurons per block);
+  - Hugging Face BERT (``BertModel``): ``encoder.layer.N.intermediate.intermediate_act_fn``
+    (``GELUActivation``, intermediate_size neurons per block); the pooler's
+    ``Tanh`` is outside the blocks and not captured;
+  - timm ViT (``vit_tiny_patch16_224``): ``blocks.N.mlp.act`` (``nn.GELU``,
+    mlp_ratio x embed_dim neurons per block, the class token counted as a
+    sample like the patches).
+
+* **Other models.** Every activation-function module (``nn.ReLU``,
+  ``nn.GELU``, ``nn.Tanh``, ...) is a hidden layer, read after its
+  nonlinearity (for ``nn.Sequential`` MLPs and CNNs this is exactly the paper's
+  rule), and the model's own output is the output layer, read as logits, when
+  it is a tensor. A model whose nonlinearities are all functional (``F.relu``
+  inside ``forward``) has no activation modules: then every ``nn.Linear`` /
+  ``nn.Conv*d`` module's output is captured instead (pre-activation), plus the
+  model output. The mode is ``"flatten"`` unless given.
 
 ``layers`` may also be a list of modules, or of ``fnmatch`` patterns matched
-against ``model.named_modules()`` names (e.g. ``["encoder.*.relu", "head"]``).
-A module called several times in one forward contributes one layer per call.
+against ``model.named_modules()`` names (e.g. ``["encoder.*.relu", "head"]``);
+pass ``mode=`` for them (default ``"flatten"``). A module called several times
+in one forward contributes one layer per call (torchvision's ResNet
+``BasicBlock`` calls its ``relu`` twice).
 
-What ``layers="auto"`` captures in ``nn.TransformerEncoderLayer``: its
-nonlinearity is functional, so every ``nn.Linear`` is hooked: ``linear1``
-(the feed-forward block's hidden units, before the activation), ``linear2``
-and the block's output, each flattened over (sequence, features).
-``self_attn.out_proj`` is hooked too but never fires: ``nn.MultiheadAttention``
-uses its weights without calling it. Pass ``layers=`` to choose otherwise.
+Per-layer point clouds (``pooled=False``) each have their own samples: B
+for a (B, n) layer, B x H x W for an NCHW map in ``"channel"`` mode, B x T
+for (B, T, F) in ``"features_last"`` mode. One pooled cloud needs the same
+samples for every layer; different counts are a ``ValueError`` that suggests
+``pooled=False``.
 
 Activations accumulate from every forward pass (training mode, gradients
 enabled) until the next :meth:`Decorrelation.penalty`, which uses and then
@@ -67,7 +93,7 @@ import torch
 from torch import nn
 
 from .correlation import NonFiniteActivationsError
-from .functional import DEAD_NEURONS, KINDS, decorrelation_penalty, flatten_activation
+from .functional import DEAD_NEURONS, KINDS, MODES, decorrelation_penalty, flatten_activation
 from .penalties import lookup
 from .sampling import SAMPLINGS
 
@@ -78,12 +104,25 @@ ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
 )
 _WEIGHTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_SPATIAL_CONVS = (nn.Conv2d, nn.Conv3d)
+# packages whose activation classes are plain nn.Module subclasses
+_ACTIVATION_PACKAGES = ("transformers.activations", "timm.layers.activations", "timm.models.layers.activations")
+
+
+@dataclass(frozen=True)
+class _Layers:
+    modules: list
+    modes: list
+    capture_output: bool
+    transformer: bool
 
 
 @dataclass(frozen=True)
 class StepStats:
     """Statistics of the last regularised step (for logging).
 
+    ``neurons`` counts the neurons of all point clouds, ``clouds`` each
+    cloud's (one entry when pooled, one per layer otherwise).
     ``min/mean/max_death`` are None for penalties that build no tree.
     """
 
@@ -94,15 +133,93 @@ class StepStats:
     mean_death: float | None
     max_death: float | None
     skipped: int
+    clouds: tuple[int, ...] = ()
 
 
-def _resolve_layers(model: nn.Module, layers) -> tuple[list[nn.Module], bool]:
-    """Modules to hook, and whether the model's output is captured as the output layer."""
+def _is_activation(m: nn.Module) -> bool:
+    """An activation-function module: torch's, or one of Hugging Face's / timm's own classes.
+
+    (``transformers.activations.NewGELUActivation`` and friends are plain
+    ``nn.Module`` subclasses, not ``nn.GELU``.)
+    """
+    return isinstance(m, ACTIVATION_MODULES) or type(m).__module__.startswith(_ACTIVATION_PACKAGES)
+
+
+def _is_attention(m: nn.Module) -> bool:
+    return isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
+
+
+def _is_projection(m: nn.Module) -> bool:
+    """A dense projection: ``nn.Linear`` or Hugging Face's ``Conv1D`` (GPT-2's transposed Linear)."""
+    if isinstance(m, nn.Linear):
+        return True
+    w = getattr(m, "weight", None)
+    return type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+
+
+def _ffn_unit(block: nn.Module) -> nn.Module | None:
+    """The module whose output is a block's feed-forward hidden units (attention sub-trees skipped).
+
+    The first activation module in registration order, else the first projection.
+    """
+    acts: list[nn.Module] = []
+    projs: list[nn.Module] = []
+
+    def walk(mod: nn.Module) -> None:
+        for child in mod.children():
+            if _is_attention(child):
+                continue
+            if _is_activation(child):
+                acts.append(child)
+            elif _is_projection(child):
+                projs.append(child)
+            walk(child)
+
+    walk(block)
+    return acts[0] if acts else (projs[0] if projs else None)
+
+
+def _transformer_blocks(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(block, feed-forward unit) for every transformer block of ``model``, in registration order.
+
+    A block is a smallest module that holds an attention module, a feed-forward
+    unit outside it, and no 2-D / 3-D convolution (which keeps CNNs with
+    "attention" gates, e.g. squeeze-excitation, on the CNN rule).
+    """
+    found: list[tuple[nn.Module, nn.Module]] = []
+
+    def visit(m: nn.Module) -> bool:
+        below = False
+        for c in m.children():
+            if not _is_attention(c) and visit(c):
+                below = True
+        if below:
+            return True
+        subs = list(m.modules())[1:]
+        if not any(_is_attention(x) for x in subs) or any(isinstance(x, _SPATIAL_CONVS) for x in subs):
+            return False
+        unit = _ffn_unit(m)
+        if unit is None:
+            return False
+        found.append((m, unit))
+        return True
+
+    if not _is_attention(model):
+        visit(model)
+    return found
+
+
+def _resolve_layers(model: nn.Module, layers, mode: str | None) -> _Layers:
+    """Modules to hook, their modes, whether the model output is captured, and whether it is a transformer."""
     if layers == "auto":
-        acts = [m for m in model.modules() if isinstance(m, ACTIVATION_MODULES)]
+        blocks = _transformer_blocks(model)
+        if blocks:
+            units = [u for _, u in blocks]
+            return _Layers(units, [mode or "features_last"] * len(units), False, True)
+        acts = [m for m in model.modules() if _is_activation(m)]
         if not acts:
             acts = [m for m in model.modules() if isinstance(m, _WEIGHTED_MODULES) and m is not model]
-        return acts, True
+        return _Layers(acts, [mode or "flatten"] * len(acts), True, False)
     if isinstance(layers, (nn.Module, str)):
         layers = [layers]
     try:
@@ -127,7 +244,7 @@ def _resolve_layers(model: nn.Module, layers) -> tuple[list[nn.Module], bool]:
             chosen.extend(h for h in hits if not any(h is c for c in chosen))
         else:
             raise TypeError(f"a layer must be an nn.Module or a name pattern, got {type(it).__name__}")
-    return chosen, False
+    return _Layers(chosen, [mode or "flatten"] * len(chosen), False, False)
 
 
 class Decorrelation:
@@ -147,10 +264,18 @@ class Decorrelation:
         p for importance sampling (the paper: 1.0 for MLPs, 0.005 for CNNs).
     per_layer_count : int, optional
         Neurons per hidden layer for ``"fixed"`` / ``"random"`` (alias: ``count``).
-    pooled : bool
-        One point cloud for all layers (the paper) or one per layer, summed.
-    mode : {"flatten", "channel"}
-        A conv map's every entry is a neuron, or one neuron per channel.
+    pooled : bool, optional
+        One point cloud for all layers (the paper; the layers must have the
+        same number of samples) or one per layer, each with its own samples,
+        summed. Default: one per block for the transformer rule of
+        ``layers="auto"``, pooled otherwise.
+    mode : {"flatten", "channel", "features_last"}, optional
+        How a layer output becomes (samples, neurons) (see
+        :func:`topodecorr.functional.flatten_activation`): every entry is a
+        neuron, one neuron per channel of an NCHW map, or one per feature of
+        the last dimension (transformers). Default: ``"features_last"`` for the
+        transformer rule of ``layers="auto"``, ``"flatten"`` otherwise; a mode
+        given here applies to every captured layer.
     every : int
         Regularise on every k-th step only; other steps return 0 and capture nothing.
     refresh_every : int
@@ -205,8 +330,8 @@ class Decorrelation:
         sampling: str = "all",
         fraction: float = 1.0,
         per_layer_count: int | None = None,
-        pooled: bool = True,
-        mode: str = "flatten",
+        pooled: bool | None = None,
+        mode: str | None = None,
         every: int = 1,
         refresh_every: int = 1,
         alpha: float = 0.5,
@@ -238,8 +363,10 @@ class Decorrelation:
             raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
         if sampling == "fixed" and count is None:
             raise ValueError("sampling='fixed' needs per_layer_count=<neurons per hidden layer>")
-        if mode not in ("flatten", "channel"):
-            raise ValueError(f"unknown mode {mode!r}; choose 'flatten' or 'channel'")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        if pooled is not None and not isinstance(pooled, bool):
+            raise TypeError(f"pooled must be True, False or None (the default), got {pooled!r}")
         for name, k in (("every", every), ("refresh_every", refresh_every)):
             if not (isinstance(k, int) and k >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
@@ -261,8 +388,6 @@ class Decorrelation:
         self.sampling = sampling
         self.fraction = fraction
         self.count = count
-        self.pooled = pooled
-        self.mode = mode
         self.every = every
         self.refresh_every = refresh_every
         self.alpha = alpha
@@ -272,7 +397,10 @@ class Decorrelation:
         self.backend = backend
         self.dead_neurons = dead_neurons
         self.generator = torch.Generator().manual_seed(seed)
-        self.modules, self._capture_output = _resolve_layers(model, layers)
+        chosen = _resolve_layers(model, layers, mode)
+        self.modules, self.modes, self._capture_output = chosen.modules, chosen.modes, chosen.capture_output
+        self.mode = mode
+        self.pooled = (not chosen.transformer) if pooled is None else pooled
         self.step = 0  # number of penalty() calls
         self.skipped = 0
         self._regularised = 0  # number of steps that computed a penalty
@@ -336,9 +464,9 @@ class Decorrelation:
     # -- penalty ---------------------------------------------------------------
     def captured_activations(self) -> list[torch.Tensor]:
         """The layer outputs captured since the last penalty, flattened to (samples, neurons)."""
-        acts = [flatten_activation(t, self.mode) for _, t in self._captured]
+        acts = [flatten_activation(t, self.modes[i]) for i, t in self._captured]
         if self._output is not None:
-            acts.append(flatten_activation(self._output, "flatten" if self._output.dim() == 2 else self.mode))
+            acts.append(flatten_activation(self._output, self.mode or "flatten"))
         return acts
 
     def penalty(self) -> torch.Tensor:
@@ -455,6 +583,7 @@ class Decorrelation:
             mean_death=float(d.mean()) if has else None,
             max_death=float(d.max()) if has else None,
             skipped=self.skipped,
+            clouds=tuple(int(c) for c in res.clouds),
         )
 
     @property

@@ -36,12 +36,14 @@ from .penalties import lookup, names
 from .persistence import correlation_deaths
 from .sampling import select_neurons
 
-__all__ = ["PENALTIES", "PenaltyResult", "decorrelation_penalty", "flatten_activation"]
+__all__ = ["MODES", "PENALTIES", "PenaltyResult", "decorrelation_penalty", "flatten_activation"]
 
 #: The kinds of :data:`topodecorr.penalties.REGISTRY` this pipeline computes.
 KINDS = ("deaths", "activations")
 #: Penalty names the pipeline takes, from the registry.
 PENALTIES = names(*KINDS)
+#: How a layer output (B, ...) becomes (samples, neurons); see :func:`flatten_activation`.
+MODES = ("flatten", "channel", "features_last")
 #: What happens to neurons constant over the batch: the paper's convention, or out of the cloud.
 DEAD_NEURONS = ("keep", "drop")
 
@@ -63,6 +65,7 @@ class PenaltyResult:
     groups: list[torch.Tensor] = field(default_factory=list, repr=False)
     live: list[torch.Tensor | None] = field(default_factory=list, repr=False)
     dropped: int = 0
+    clouds: list[int] = field(default_factory=list)
     _dead: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -78,24 +81,52 @@ class PenaltyResult:
 def flatten_activation(x: torch.Tensor, mode: str = "flatten") -> torch.Tensor:
     """Turn a layer output into a (samples, neurons) matrix.
 
-    ``"flatten"``: (B, ...) -> (B, prod(...)): every entry of a feature map is a
-    neuron (the paper's rule). ``"channel"``: (B, C, *spatial) -> (B * prod(spatial), C):
-    one neuron per channel, spatial positions act as extra samples.
+    Parameters
+    ----------
+    x : Tensor, shape (B, ...)
+        A layer output with the batch first.
+    mode : {"flatten", "channel", "features_last"}
+        * ``"flatten"``: (B, ...) -> (B, prod(...)): every entry of a sample is a
+          neuron (the paper's rule for MLPs and its CNNs);
+        * ``"channel"``: (B, C, *spatial) -> (B * prod(spatial), C): one neuron
+          per channel of an NCHW (or NCL, NCDHW) map, positions are extra samples;
+        * ``"features_last"``: (B, ..., F) -> (B * prod(...), F): one neuron per
+          feature of the last dimension, tokens or positions are extra samples
+          (a transformer's (batch, tokens, features), a channels-last map).
+
+        A (B, n) tensor is (B, n) in every mode.
+
+    Returns
+    -------
+    Tensor, shape (samples, neurons)
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.zeros(4, 7, 16)  # (batch, tokens, features)
+    >>> flatten_activation(x, "features_last").shape
+    torch.Size([28, 16])
+    >>> flatten_activation(x, "channel").shape  # dim 1 (the tokens) would be the neurons
+    torch.Size([64, 7])
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"a captured layer output must be a tensor, got {type(x).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     if x.dim() < 2:
+        need = {"flatten": "(batch, ...)", "channel": "(batch, channels, *spatial)",
+                "features_last": "(batch, ..., features)"}[mode]
         raise ValueError(
-            f"a layer output needs a batch dimension and at least one unit, got shape {tuple(x.shape)}"
+            f"mode={mode!r} needs a layer output of shape {need} with a batch dimension and at least "
+            f"one unit, got shape {tuple(x.shape)}"
         )
-    if mode == "flatten":
+    if x.numel() == 0:
+        raise ValueError(f"a layer output of shape {tuple(x.shape)} has no entries: nothing to correlate")
+    if mode == "flatten" or x.dim() == 2:
         return x.reshape(x.shape[0], -1)
     if mode == "channel":
-        if x.dim() == 2:
-            return x
-        c = x.shape[1]
-        return x.movedim(1, -1).reshape(-1, c)
-    raise ValueError(f"unknown mode {mode!r}; choose 'flatten' or 'channel'")
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+    return x.reshape(-1, x.shape[-1])
 
 
 def _penalty_on(acts: torch.Tensor, entry, kind: str, alpha: float, backend: str, edges):
@@ -129,8 +160,10 @@ def decorrelation_penalty(
 
     Parameters
     ----------
-    acts : Tensor (B, n) or list of Tensor (B, n_l)
-        Activations of each layer, flattened per sample (see :func:`flatten_activation`).
+    acts : Tensor (S, n) or list of Tensor (S_l, n_l)
+        Activations of each layer as (samples, neurons) (see :func:`flatten_activation`).
+        With ``pooled=True`` every layer needs the same samples (S_l = S);
+        with ``pooled=False`` each layer is its own cloud with its own S_l.
     penalty : {"t1", "t2", "mean_abs_corr", "decov", "none"}
     weight : float
         lambda >= 0.
@@ -140,7 +173,8 @@ def decorrelation_penalty(
     output_layers : list of bool, optional
         Which entries are output layers (always kept whole); default: the last one.
     pooled : bool
-        One point cloud for all layers (True) or one per layer, summed (False).
+        One point cloud for all layers (True; they must share their samples)
+        or one per layer, each with its own samples, summed (False).
     alpha : float
         T2's trade-off.
     indices, edges, live : optional
@@ -178,12 +212,14 @@ def decorrelation_penalty(
         raise ValueError(f"weight must be >= 0, got {weight}")
     if dead_neurons not in DEAD_NEURONS:
         raise ValueError(f"unknown dead_neurons {dead_neurons!r}; choose one of {DEAD_NEURONS}")
-    batch = acts[0].shape[0]
     for k, a in enumerate(acts):
-        if a.dim() != 2:
-            raise ValueError(f"activation {k} must be (batch, units); flatten it first, got {tuple(a.shape)}")
-        if a.shape[0] != batch:
-            raise ValueError(f"activation {k} has batch size {a.shape[0]}, expected {batch} like the first")
+        if not isinstance(a, torch.Tensor) or a.dim() != 2:
+            shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+            raise ValueError(
+                f"activation {k} must be (samples, units); flatten it first (flatten_activation), got {shape}"
+            )
+    if pooled:
+        _check_same_samples(acts)
     if output_layers is None:
         output_layers = [False] * (len(acts) - 1) + [True]
     if indices is None:
@@ -220,9 +256,22 @@ def decorrelation_penalty(
     value = weight * torch.stack([v.float() if v.dtype != torch.float64 else v for v in values]).sum()
     if not return_result:
         return value
+    clouds = [g.shape[1] for g in groups]
     return PenaltyResult(
-        value, deaths, trees, sel, sum(g.shape[1] for g in groups), [g.detach() for g in groups], live, dropped
+        value, deaths, trees, sel, sum(clouds), [g.detach() for g in groups], live, dropped, clouds
     )
+
+
+def _check_same_samples(acts: list[torch.Tensor]) -> None:
+    rows = [a.shape[0] for a in acts]
+    for k, r in enumerate(rows):
+        if r != rows[0]:
+            raise ValueError(
+                f"pooled=True puts all layers in one point cloud, whose neurons need the same samples, but "
+                f"activation {k} has {r} samples (rows) and activation 0 has {rows[0]} (samples per layer: "
+                f"{rows}; in channel or features_last mode each layer has batch x positions samples, which "
+                "differ between resolutions); pass pooled=False for one point cloud per layer"
+            )
 
 
 def _live_columns(g: torch.Tensor) -> torch.Tensor | None:
