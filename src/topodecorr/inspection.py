@@ -432,7 +432,8 @@ def inspect(
     inner = getattr(model, "_orig_mod", None)
     if isinstance(inner, nn.Module):
         model = inner
-    modules, capture_output = _resolve_layers(model, layers)
+    chosen = _resolve_layers(model, layers, mode)
+    modules, capture_output = chosen.modules, chosen.capture_output
     names = {id(m): (name or type(m).__name__) for name, m in model.named_modules()}
     param = next(model.parameters(), None)
     device = param.device if param is not None else None
