@@ -195,3 +195,31 @@ def test_save_writes_markdown_and_figures(tmp_path):
     # the scatter uses the kept activations of the first samples
     p = report.pooled.pairs[0]
     assert report.activations(p.a).shape == (100,)
+
+
+@pytest.mark.slow
+def test_gpt2_blocks_are_read_per_token(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    g = torch.Generator().manual_seed(2)
+    batches = [{"input_ids": torch.randint(0, 64, (3, 16), generator=g)} for _ in range(2)]
+    report = td.inspect(model, batches)
+    assert [c.name for c in report.layers] == ["transformer.h.0.mlp.act", "transformer.h.1.mlp.act"]
+    assert report.samples == 2 * 3 * 16 and report["transformer.h.0.mlp.act"].neurons == 128
+    acts = []
+    hooks = [model.transformer.h[i].mlp.act.register_forward_hook(lambda m, i, o: acts.append(o)) for i in (0, 1)]
+    model.eval()  # no dropout, as inspect runs it
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in hooks:
+        h.remove()
+    per_layer = [torch.cat([acts[2 * k + l] for k in range(2)]).reshape(-1, 128) for l in (0, 1)]
+    for layer, a in zip(report.layers, per_layer):
+        c, _ = _ref_corr(a.double().numpy())
+        np.testing.assert_allclose(layer.deaths.numpy(), _ref_mst_deaths(c), atol=1e-9)
+    assert report.pooled.neurons == 256

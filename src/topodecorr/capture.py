@@ -94,6 +94,7 @@ from torch import nn
 
 from .correlation import NonFiniteActivationsError
 from .functional import DEAD_NEURONS, KINDS, MODES, decorrelation_penalty, flatten_activation
+from .monitor import as_logger
 from .penalties import lookup
 from .sampling import SAMPLINGS
 
@@ -306,6 +307,11 @@ class Decorrelation:
         :attr:`last_stats` counts them as dead.
     count : int, optional
         Alias of ``per_layer_count``.
+    log : SummaryWriter, callable or topodecorr.monitor.StatsLogger, optional
+        Receives every regularised step's statistics (penalty, neurons, dead,
+        min / mean / max death): a ``StatsLogger(sink, every=k)`` logs every k
+        steps; a bare writer or callable ``sink(step, stats)`` every step (see
+        :mod:`topodecorr.monitor`).
 
     Examples
     --------
@@ -342,6 +348,7 @@ class Decorrelation:
         backend: str = "auto",
         count: int | None = None,
         dead_neurons: str = "keep",
+        log=None,
     ):
         if count is not None and per_layer_count is not None and count != per_layer_count:
             raise ValueError("pass per_layer_count or its alias count, not both")
@@ -396,6 +403,7 @@ class Decorrelation:
         self.capture_in_eval = capture_in_eval
         self.backend = backend
         self.dead_neurons = dead_neurons
+        self.log = as_logger(log)
         self.generator = torch.Generator().manual_seed(seed)
         chosen = _resolve_layers(model, layers, mode)
         self.modules, self.modes, self._capture_output = chosen.modules, chosen.modes, chosen.capture_output
@@ -550,6 +558,8 @@ class Decorrelation:
         # keep only detached statistics: the graph of this step is the loss's to free
         res.deaths = [d.detach() for d in res.deaths]
         self._last = (self.step, res)
+        if self.log is not None:
+            self.log(self, value)
         return value
 
     def _nonfinite(self, what: str) -> torch.Tensor:

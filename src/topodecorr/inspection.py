@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .correlation import DISSIMILARITIES, NonFiniteActivationsError, dissimilarity as _dissimilarity
+from .functional import MODES, flatten_activation
 from .persistence import mst_deaths
 
 __all__ = ["inspect", "RedundancyReport", "LayerRedundancy", "NeuronPair"]
@@ -366,7 +367,7 @@ def inspect(
     model: nn.Module,
     batches: Iterable,
     layers="auto",
-    mode: str = "flatten",
+    mode: str | None = None,
     *,
     k: int = 10,
     dissimilarity: str = "abs",
@@ -387,8 +388,11 @@ def inspect(
     layers : "auto" | list of nn.Module | list of str
         As for :class:`topodecorr.Decorrelation` (``"auto"``: the activation modules and the
         model's output).
-    mode : {"flatten", "channel"}
-        A conv map's every entry is a neuron, or one neuron per channel (positions are samples).
+    mode : {"flatten", "channel", "features_last"}, optional
+        How a layer output becomes (samples, neurons) (see
+        :func:`topodecorr.functional.flatten_activation`); by default the rule of
+        :class:`topodecorr.Decorrelation` (``"features_last"`` for the transformer blocks
+        ``layers="auto"`` finds, ``"flatten"`` otherwise).
     k : int
         Pairs reported per cloud.
     dissimilarity : {"abs", "sqrt"}
@@ -421,8 +425,8 @@ def inspect(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if mode not in ("flatten", "channel"):
-        raise ValueError(f"unknown mode {mode!r}; choose 'flatten' or 'channel'")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     if dissimilarity not in DISSIMILARITIES:
         raise ValueError(f"unknown dissimilarity {dissimilarity!r}; choose one of {DISSIMILARITIES}")
     if not (isinstance(k, int) and k >= 1):
@@ -433,7 +437,7 @@ def inspect(
     if isinstance(inner, nn.Module):
         model = inner
     chosen = _resolve_layers(model, layers, mode)
-    modules, capture_output = chosen.modules, chosen.capture_output
+    modules, modes, capture_output = chosen.modules, chosen.modes, chosen.capture_output
     names = {id(m): (name or type(m).__name__) for name, m in model.named_modules()}
     param = next(model.parameters(), None)
     device = param.device if param is not None else None
@@ -481,10 +485,10 @@ def inspect(
                         raise ValueError(
                             f"layer output of shape {tuple(t.shape)} has no batch dimension plus units"
                         )
-                    if mode == "channel" and t.dim() > 2:
-                        acts.append(t.movedim(1, -1).reshape(-1, t.shape[1]))
+                    if i == out_index:  # the model's output: logits (B, classes), else the given mode
+                        acts.append(flatten_activation(t, "flatten" if t.dim() == 2 else (mode or "flatten")))
                     else:
-                        acts.append(t.reshape(t.shape[0], -1))
+                        acts.append(flatten_activation(t, modes[i]))
                 if layer_names is None:
                     layer_names = _layer_names(calls, modules, names, out_index)
                     sizes = [a.shape[1] for a in acts]
@@ -550,7 +554,8 @@ def inspect(
         for name, store, size in zip(layer_names, kept, sizes)
     }
     return RedundancyReport(
-        layers=tuple(clouds), pooled=pooled_cloud, samples=rows, batches=n_batches, mode=mode,
+        layers=tuple(clouds), pooled=pooled_cloud, samples=rows, batches=n_batches,
+        mode=mode or ", ".join(sorted(set(modes))) or "flatten",
         dissimilarity=dissimilarity, _kept=kept_by_name,
     )
 
