@@ -201,3 +201,215 @@ def test_lightning_manual_optimisation_is_refused():
     with pytest.raises(RuntimeError, match="manual"):
         trainer.fit(module, _loaders()[0])
     assert "training_step" not in module.__dict__
+
+
+# -- Hugging Face transformers -------------------------------------------------------------------
+
+try:
+    import transformers
+except ImportError:  # the models extra is not installed
+    transformers = None
+
+needs_transformers = pytest.mark.skipif(transformers is None, reason="needs the models extra (transformers)")
+try:
+    import accelerate  # noqa: F401  (transformers.Trainer needs it)
+except ImportError:
+    accelerate = None
+needs_accelerate = pytest.mark.skipif(accelerate is None, reason="transformers.Trainer needs accelerate")
+_TrainerCallback = transformers.TrainerCallback if transformers is not None else object
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=24, length=16):
+        g = torch.Generator().manual_seed(3)
+        self.ids = torch.randint(0, 64, (n, length), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class _HFRecorder(_TrainerCallback):
+    """Parameters at each step's start, every training forward's keyword arguments, gradients before the step."""
+
+    def __init__(self):
+        self.windows, self.calls, self.state = [], [], None
+        self.eval_hooks, self.train_hooks = [], []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model = model
+        model.register_forward_pre_hook(self._forward, with_kwargs=True)
+
+    def _forward(self, module, args, kwargs):
+        inner = sum(len(m._forward_hooks) for m in module.transformer.modules())
+        if module.training and torch.is_grad_enabled():
+            self.calls.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+            self.train_hooks.append(inner)
+        else:
+            self.eval_hooks.append(inner)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.state = copy.deepcopy(self.model.state_dict())
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+        self.windows.append({"state": self.state, "calls": self.calls, "grads": grads})
+        self.calls = []
+
+
+def _hf_reference(state, calls, accumulate):
+    model = _gpt2()
+    model.load_state_dict(state)
+    model.train()
+    acts = []
+    for block in model.transformer.h:
+        block.mlp.act.register_forward_hook(lambda m, i, o: acts.append(o))
+    grads = {}
+    for with_penalty in (False, True):
+        model.zero_grad()
+        for kw in calls:
+            acts.clear()
+            out = model(**kw)
+            # one cloud per block: its 128 hidden units, tokens as samples
+            pen = sum(_by_hand_t1([a.reshape(-1, a.shape[-1])]) for a in acts) if with_penalty else 0.0
+            if kw.get("num_items_in_batch") is not None:  # the model normalised over the whole window
+                loss = out.loss + WEIGHT * pen / accumulate
+            else:
+                loss = (out.loss + WEIGHT * pen) / accumulate
+            loss.backward()
+        grads[with_penalty] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return grads[True], grads[False]
+
+
+@pytest.mark.slow
+@needs_transformers
+@needs_accelerate
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_hf_trainer_gradient_is_task_plus_weighted_penalty(tmp_path, monkeypatch, accumulate):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from topodecorr.integrations.transformers import DecorrelationCallback
+
+    model = _gpt2()
+    cb = DecorrelationCallback(penalty="t1", weight=WEIGHT)
+    rec = _HFRecorder()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=3,
+        gradient_accumulation_steps=accumulate, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant",
+        max_grad_norm=0.0, logging_steps=1, eval_strategy="steps", eval_steps=2, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(), eval_dataset=_Tokens(8),
+                                   callbacks=[cb, rec])
+    trainer.train()
+    assert len(rec.windows) == 3
+    for w in rec.windows:
+        assert len(w["calls"]) == accumulate
+        want, task_only = _hf_reference(w["state"], w["calls"], accumulate)
+        assert set(w["grads"]) == set(want)
+        for name, g in w["grads"].items():
+            torch.testing.assert_close(g, want[name], rtol=1e-4, atol=1e-6)
+        diff = max(float((want[n] - task_only[n]).abs().max()) for n in want)
+        assert diff > 1e-3  # the penalty's share is far above the tolerance
+    # hooks inside the model only during training forwards; evaluation ran with none
+    assert rec.eval_hooks and set(rec.eval_hooks) == {0}
+    assert all(h > 0 for h in rec.train_hooks)
+    # the statistics are in the Trainer's logs
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(train_logs) == 3
+    for h in train_logs:
+        assert h["decorrelation/neurons"] == 256.0  # two blocks x 128 hidden units
+        assert 0.0 <= h["decorrelation/min_death"] <= h["decorrelation/max_death"] <= 1.0
+        assert h["decorrelation/penalty"] > 0
+    assert any("eval_loss" in h and "decorrelation/penalty" not in h for h in trainer.state.log_history)
+    # training is over: no hook is left on the model
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 1  # the recorder's
+
+
+@pytest.mark.slow
+@needs_transformers
+def test_hf_callback_refuses_a_loss_it_cannot_reach(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from topodecorr.integrations.transformers import DecorrelationCallback
+
+    with pytest.raises(ValueError, match="unknown penalty"):
+        DecorrelationCallback(penalty="t3")
+    from types import SimpleNamespace  # TrainingArguments' fields the callback reads
+
+    cb = DecorrelationCallback()
+    args = SimpleNamespace(label_smoothing_factor=0.1, gradient_accumulation_steps=1)
+    with pytest.raises(RuntimeError, match="label_smoothing_factor"):
+        cb.on_train_begin(args, None, None, model=_gpt2())
+    # a training forward without labels has no loss to add the penalty to
+    model = _gpt2().train()
+    args.label_smoothing_factor = 0.0
+    cb.on_train_begin(args, None, None, model=model)
+    with pytest.raises(RuntimeError, match="pass labels"):
+        model(input_ids=torch.randint(0, 64, (2, 8)))
+    cb.on_train_end(None, None, None)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+
+
+@pytest.mark.slow
+@needs_transformers
+@pytest.mark.parametrize("accumulate,items", [(1, True), (2, True), (2, False)])
+def test_hf_loss_path_of_the_trainer_gets_the_penalty(monkeypatch, accumulate, items):
+    """The Trainer's own loss path, step by step (compute_loss, then training_step's scaling).
+
+    With ``num_items_in_batch`` (a model that takes loss keywords, like GPT-2) the Trainer
+    back-propagates ``outputs["loss"]`` as it is; without, it divides by the accumulation steps.
+    """
+    from types import SimpleNamespace
+
+    from topodecorr.integrations.transformers import DecorrelationCallback
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = _gpt2().train()
+    cb = DecorrelationCallback(penalty="t1", weight=WEIGHT)
+    args = SimpleNamespace(gradient_accumulation_steps=accumulate, average_tokens_across_devices=True,
+                           label_smoothing_factor=0.0)
+    cb.on_train_begin(args, None, None, model=model)
+    state = copy.deepcopy(model.state_dict())
+    data = _Tokens(n=4 * accumulate)
+    window = [{k: torch.stack([data[i][k] for i in range(4 * j, 4 * j + 4)]) for k in ("input_ids", "labels")}
+              for j in range(accumulate)]
+    n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+    calls = []
+    for inputs in window:
+        kw = {**inputs, "num_items_in_batch": torch.tensor(n_items)} if items else dict(inputs)
+        calls.append(kw)
+        loss = model(**kw)["loss"]  # Trainer.compute_loss
+        if not items:
+            loss = loss / accumulate  # Trainer.training_step
+        loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    want, task_only = _hf_reference(state, calls, accumulate)
+    for name, g in got.items():
+        torch.testing.assert_close(g, want[name], rtol=1e-4, atol=1e-6)
+    assert max(float((want[n] - task_only[n]).abs().max()) for n in want) > 1e-3
+    # an evaluation forward (eval mode, no gradient) gets no penalty and captures nothing
+    model.eval()
+    with torch.no_grad():
+        plain = model(**window[0])["loss"]
+    cb.on_train_end(None, None, None)
+    with torch.no_grad():
+        assert float(model(**window[0])["loss"]) == float(plain)
+    # the Trainer's next training log gains the statistics, in logs and in log_history
+    logs = {"loss": 1.0, "learning_rate": 0.1}
+    history = SimpleNamespace(log_history=[{**logs, "step": 1}], global_step=1)
+    cb.on_log(args, history, None, logs=logs)
+    assert logs["decorrelation/neurons"] == 256.0 and history.log_history[-1]["decorrelation/neurons"] == 256.0
+    assert logs["decorrelation/penalty"] > 0 and "decorrelation/max_death" in logs
+    eval_logs = {"eval_loss": 1.0}
+    cb.on_log(args, history, None, logs=eval_logs)
+    assert eval_logs == {"eval_loss": 1.0}
