@@ -46,8 +46,9 @@ def test_end_to_end_sweep_writes_the_report(finished, capsys):
     report = (out / "report.md").read_text()
     assert "| network | none | l2 | t1 |" in report
     assert "| mlp |" in report and "**average rank**" in report
-    assert "Friedman test over N=3 blocks and k=3 penalties" in report
-    for fig in ("cd_diagram.png", "cd_diagram.svg", "death_histograms.png", "correlations.png", "training_curves.png"):
+    # one network is one block (seeds are not blocks): the comparison is reported as not computed
+    assert "at least 3 complete blocks (dataset, network), got 1" in report and "## Warnings" in report
+    for fig in ("death_histograms.png", "correlations.png", "training_curves.png"):
         assert (out / "figures" / fig).stat().st_size > 1000, fig
         assert f"figures/{fig}" in report
     assert '"max_epochs": 2' in report and "| torch |" in report

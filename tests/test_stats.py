@@ -1,4 +1,5 @@
-"""Statistics: weight selection, Friedman (vs scipy and the closed form), Nemenyi, CD."""
+"""Statistics: weight selection, blocks of seed means, Friedman (vs scipy and the closed form), Nemenyi, CD,
+bootstrap intervals of the difference to the baseline (vs scipy.stats.bootstrap and closed forms)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from topodecorr.experiments.stats import compare, critical_difference, select_best
+from topodecorr.experiments.stats import (
+    block_means,
+    compare,
+    critical_difference,
+    differences_to_baseline,
+    select_best,
+)
 
 
 def _runs_from_table(table: np.ndarray, penalties):
@@ -107,6 +114,81 @@ def test_incomplete_blocks_are_left_out():
     runs = _runs_from_table(table, "ABC")
     runs = [r for r in runs if not (r["network"] == "net0" and r["penalty"] == "B")]
     comp = compare(select_best(runs), penalties=list("ABC"))
-    assert comp.n == 3 and "net0/0" not in comp.table.index
-    assert any("net0/0" in n for n in comp.notes)
+    assert comp.n == 3 and "net0" not in comp.table.index
+    assert any("net0" in n for n in comp.notes)
     assert isinstance(comp.table, pd.DataFrame)
+
+
+def _seeded_runs(acc: dict, dataset: str = "d"):
+    """acc[(network, seed, penalty)] -> test accuracy, one weight per penalty."""
+    return [dict(dataset=dataset, network=n, seed=s, penalty=p, weight=0.1, status="done", val_acc=a, val_loss=1.0,
+                 test_acc=a) for (n, s, p), a in acc.items()]
+
+
+def test_blocks_are_networks_valued_by_the_seed_mean():
+    rng = np.random.default_rng(3)
+    nets, seeds, pens = ["n0", "n1", "n2", "n3"], [0, 1, 2], ["A", "B", "C"]
+    cube = rng.uniform(0.5, 0.9, size=(len(nets), len(seeds), len(pens)))
+    acc = {(n, s, p): cube[i, j, k] for i, n in enumerate(nets) for j, s in enumerate(seeds) for k, p in enumerate(pens)}
+    comp = compare(select_best(_seeded_runs(acc)), penalties=pens)
+    assert comp.n == 4 and list(comp.table.index) == nets  # one block per network, not per (network, seed)
+    np.testing.assert_allclose(comp.table.to_numpy(), cube.mean(axis=1), rtol=1e-12)
+    assert (comp.seeds == 3).all()
+    stat, p = scipy.stats.friedmanchisquare(*cube.mean(axis=1).T)
+    assert comp.friedman_statistic == pytest.approx(stat) and comp.friedman_p == pytest.approx(p)
+    assert any("little power" in n for n in comp.notes)  # N = 4 < 10
+
+
+def test_block_means_pair_seeds_and_separate_datasets():
+    acc = {("mlp", 0, "A"): 0.8, ("mlp", 0, "B"): 0.9, ("mlp", 1, "A"): 0.6, ("mlp", 1, "B"): 0.7,
+           ("mlp", 2, "A"): 0.1}  # seed 2 lacks B: left out of both means
+    runs = _seeded_runs(acc, "digits") + _seeded_runs({("mlp", 0, "A"): 0.5, ("mlp", 0, "B"): 0.4}, "mnist1d")
+    table, seeds, notes = block_means(select_best(runs), ["A", "B"])
+    assert list(table.index) == ["digits/mlp", "mnist1d/mlp"]  # same label, different datasets: two blocks
+    assert table.loc["digits/mlp"].to_dict() == pytest.approx({"A": 0.7, "B": 0.8})
+    assert seeds.to_dict() == {"digits/mlp": 2, "mnist1d/mlp": 1}
+    assert notes == ["digits/mlp: seeds [2] left out (no result for every penalty)"]
+    table, _, notes = block_means(select_best(runs), ["A", "B", "C"])
+    assert table.empty and all("no result for ['C']" in n for n in notes) and len(notes) == 2
+
+
+def test_bootstrap_interval_agrees_with_scipy():
+    d = np.array([0.012, -0.004, 0.021, 0.008, 0.030])
+    acc = {}
+    for s, di in enumerate(d):
+        acc[("mlp", s, "none")] = 0.8 + 0.01 * s
+        acc[("mlp", s, "t1")] = 0.8 + 0.01 * s + di
+    pooled, per_block = differences_to_baseline(select_best(_seeded_runs(acc)), n_resamples=20_000)
+    row = pooled.loc["t1"]
+    assert row["mean"] == pytest.approx(d.mean()) and row["blocks"] == 1 and row["pairs"] == 5
+    ref = scipy.stats.bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=20_000, method="percentile",
+                                random_state=np.random.default_rng(1)).confidence_interval
+    width = ref.high - ref.low
+    assert abs(row["low"] - ref.low) < 0.05 * width and abs(row["high"] - ref.high) < 0.05 * width
+    assert per_block.set_index("penalty").loc["t1", "low"] == pytest.approx(row["low"])  # one block: the same
+    # reproducible: the same data give the same interval; another generator seed about the same one
+    again, _ = differences_to_baseline(select_best(_seeded_runs(acc)), n_resamples=20_000)
+    assert again.loc["t1"].to_dict() == row.to_dict()
+    other, _ = differences_to_baseline(select_best(_seeded_runs(acc)), n_resamples=20_000, seed=5)
+    assert abs(other.loc["t1", "low"] - row["low"]) < 0.05 * width
+    assert abs(other.loc["t1", "high"] - row["high"]) < 0.05 * width
+
+
+def test_bootstrap_is_paired_by_seed_and_pools_blocks_equally():
+    # huge seed-to-seed spread, constant per-seed gain: pairing leaves no uncertainty
+    base = {0: 0.3, 1: 0.9, 2: 0.5, 3: 0.7}
+    acc = {("a", s, "none"): b for s, b in base.items()} | {("a", s, "l2"): b + 0.01 for s, b in base.items()}
+    # a second block with one seed only and gain -0.05
+    acc |= {("b", 0, "none"): 0.6, ("b", 0, "l2"): 0.55}
+    pooled, per_block = differences_to_baseline(select_best(_seeded_runs(acc)))
+    assert pooled.loc["l2", "mean"] == pytest.approx((0.01 - 0.05) / 2)  # blocks weigh the same, not seeds
+    assert pooled.loc["l2", "low"] == pytest.approx(-0.02) and pooled.loc["l2", "high"] == pytest.approx(-0.02)
+    one = per_block[per_block["block"] == "b"].iloc[0]
+    assert one["pairs"] == 1 and math.isnan(one["low"]) and math.isnan(one["high"])
+    # no seed pairs at all: no interval, and a missing baseline gives an empty result, not an error
+    pooled, _ = differences_to_baseline(select_best(_seeded_runs({("b", 0, "none"): 0.6, ("b", 0, "l2"): 0.5})))
+    assert math.isnan(pooled.loc["l2", "low"])
+    pooled, per_block = differences_to_baseline(select_best(_seeded_runs({("b", 0, "l2"): 0.5})))
+    assert pooled.empty and per_block.empty
+    with pytest.raises(ValueError, match="confidence"):
+        differences_to_baseline(select_best(_seeded_runs(acc)), confidence=95)

@@ -160,9 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (results.sqlite, checkpoints/, report.md)")
     _add_sweep_options(p)
 
-    p = sub.add_parser("report", help="write report.md of a sweep folder", formatter_class=_Formatter,
-                       description="Statistics and figures of the sweep in DIR, written to DIR/report.md.")
-    p.add_argument("dir", help="sweep folder holding results.sqlite")
+    p = sub.add_parser("report", help="write report.md of a sweep folder, or one report pooling several",
+                       formatter_class=_Formatter,
+                       description="Statistics and figures of the sweep in DIR, written to DIR/report.md. "
+                                   "With --combine DIR... --out OUT: one comparison pooling several sweeps "
+                                   "(blocks = their (dataset, network) pairs), written to OUT/report.md.")
+    p.add_argument("dir", nargs="?", help="sweep folder holding results.sqlite")
+    p.add_argument("--combine", nargs="+", metavar="DIR", default=None,
+                   help="sweep folders to pool into one comparison (needs --out)")
+    p.add_argument("--out", default=None, help="folder of the combined report (with --combine)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the Friedman/Nemenyi tests")
 
     p = sub.add_parser("train", help="train a single run", formatter_class=_Formatter,
@@ -280,6 +286,23 @@ def _cmd_train(args) -> int:
     return 0 if result["status"] == "done" else 1
 
 
+def _cmd_report(args) -> int:
+    from .report import write_combined_report, write_report
+
+    if args.combine is None:
+        if args.dir is None or args.out is not None:
+            raise ConfigError("report: give one sweep folder DIR, or --combine DIR... --out OUT")
+        path, table = write_report(Path(args.dir), alpha=args.alpha)
+    else:
+        if args.dir is not None or args.out is None:
+            raise ConfigError("report --combine DIR...: name the output folder with --out OUT "
+                              "(and list every sweep folder after --combine)")
+        path, table = write_combined_report([Path(d) for d in args.combine], Path(args.out), alpha=args.alpha)
+    print(table)
+    print(f"report: {path}")
+    return 0
+
+
 def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the kill test in a subprocess
     raise SystemExit(128 + signum)
 
@@ -302,12 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{name:22s} {desc}")
             return 0
         if args.command == "report":
-            from .report import write_report
-
-            path, table = write_report(Path(args.dir), alpha=args.alpha)
-            print(table)
-            print(f"report: {path}")
-            return 0
+            return _cmd_report(args)
         if args.command == "train":
             return _cmd_train(args)
         if args.command == "reproduce":

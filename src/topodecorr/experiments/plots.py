@@ -1,7 +1,9 @@
 """Figures of the report (matplotlib, Agg backend; PNG, plus SVG for the CD diagram).
 
 Every function takes plain data (arrays, dicts) and a path stem, writes the
-files and returns their paths, so it can be used outside the report too.
+files and returns their paths, so it can be used outside the report too. The
+files are reproducible: the same data give the same bytes (no creation date in
+the SVG, a fixed SVG id salt).
 """
 
 from __future__ import annotations
@@ -15,16 +17,20 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+#: Deaths at least this close to 1 belong to dead neurons (correlation 0 with every other neuron).
+DEAD_DEATH = 1.0 - 1e-6
+
 __all__ = ["cd_diagram", "death_histograms", "correlation_heatmaps", "training_curves"]
 
 
 def _save(fig, stem: Path, svg: bool = False) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png")]
-    fig.savefig(paths[0], dpi=130, bbox_inches="tight")
-    if svg:
-        paths.append(stem.with_suffix(".svg"))
-        fig.savefig(paths[1], bbox_inches="tight")
+    with matplotlib.rc_context({"svg.hashsalt": "topodecorr"}):
+        fig.savefig(paths[0], dpi=130, bbox_inches="tight", metadata={"Software": None})
+        if svg:
+            paths.append(stem.with_suffix(".svg"))
+            fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None, "Creator": None})
     plt.close(fig)
     return paths
 
@@ -63,6 +69,10 @@ def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
 def death_histograms(deaths: dict[str, dict[str, np.ndarray]], stem: Path) -> list[Path]:
     """Histograms of end-of-training MST deaths, one panel per penalty, one colour per network.
 
+    Deaths below 1 fall into 40 bins on [0, 1); the deaths of dead neurons (exactly 1)
+    get a bar of their own to the right, set apart from the axis edge, so neither hides
+    the other. Heights are the share of each network's deaths (they add up to 1).
+
     Parameters
     ----------
     deaths : dict penalty -> dict network -> 1-D array
@@ -70,20 +80,47 @@ def death_histograms(deaths: dict[str, dict[str, np.ndarray]], stem: Path) -> li
     """
     penalties = list(deaths)
     rows, cols = _grid(len(penalties))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows), squeeze=False, sharex=True)
     bins = np.linspace(0.0, 1.0, 41)
+    dead_x, dead_w = 1.1, 0.05  # the dead neurons' bar: [1.075, 1.125]
     networks = sorted({net for per in deaths.values() for net in per})
     colours = {net: plt.cm.tab10(i % 10) for i, net in enumerate(networks)}
+    offsets = {net: (i - (len(networks) - 1) / 2) * dead_w / max(1, len(networks)) for i, net in enumerate(networks)}
     for ax, penalty in zip(axes.flat, penalties):
+        live_top, dead_bars = 0.0, []
         for net, d in deaths[penalty].items():
-            if d is not None and len(d):
-                ax.hist(d, bins=bins, density=True, histtype="step", lw=1.4, color=colours[net], label=net)
+            if d is None or not len(d):
+                continue
+            d = np.asarray(d, dtype=float)
+            dead = d >= DEAD_DEATH
+            live = d[~dead]
+            share = np.full(live.shape, 1.0 / d.size)
+            heights, _, _ = ax.hist(live, bins=bins, weights=share, histtype="step", lw=1.4, color=colours[net],
+                                    label=net)
+            live_top = max(live_top, float(np.max(heights, initial=0.0)))
+            if dead.any():
+                dead_bars.append((dead_x + offsets[net], float(dead.mean()), colours[net]))
+                ax.bar(dead_bars[-1][0], dead_bars[-1][1], width=dead_w / max(1, len(networks)),
+                       color=colours[net], alpha=0.8)
+        if live_top > 0 and dead_bars and max(h for _, h, _ in dead_bars) > 2.5 * live_top:
+            # a tall dead-neuron bar would flatten the live histogram: cut it and print its height
+            top = 1.45 * live_top
+            ax.set_ylim(0, top)
+            for i, (x, h, colour) in enumerate(dead_bars):
+                if h > top:
+                    ax.text(x, top * (0.97 - 0.1 * i), f"{h:.2f}", color=colour, fontsize=6, ha="right", va="top")
+        ax.axvline(1.0, color="0.6", lw=0.8, ls=":")
         ax.set_title(penalty, fontsize=10)
-        ax.set_xlim(0, 1)
+        ax.set_xlim(0, dead_x + 0.75 * dead_w)
+        ax.set_xticks([0.0, 0.25, 0.5, 0.75, 1.0, dead_x])
+        ax.set_xticklabels(["0", ".25", ".5", ".75", "1", "dead"], fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
     for ax in list(axes.flat)[len(penalties):]:
         ax.axis("off")
     for ax in axes[-1]:
         ax.set_xlabel("death = 1 - |corr| of an MST edge", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("share of deaths", fontsize=8)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower right", fontsize=8, frameon=False)
@@ -92,17 +129,39 @@ def death_histograms(deaths: dict[str, dict[str, np.ndarray]], stem: Path) -> li
     return _save(fig, stem)
 
 
-def correlation_heatmaps(matrices: dict[str, np.ndarray], stem: Path, network: str = "") -> list[Path]:
-    """Correlation matrices of one network per penalty (neurons ordered by layer)."""
+def correlation_heatmaps(matrices: dict[str, np.ndarray], stem: Path, network: str = "",
+                         boundaries: dict[str, list[int]] | None = None,
+                         layer_names: dict[str, list[str]] | None = None) -> list[Path]:
+    """Correlation matrices of one network per penalty (neurons ordered by layer).
+
+    Parameters
+    ----------
+    matrices : dict penalty -> (m, m) array
+    boundaries : dict penalty -> list of int, optional
+        Indices where a new layer starts (0 < b < m); drawn as lines.
+    layer_names : dict penalty -> list of str, optional
+        One name per layer (``len(boundaries) + 1``), written along the left edge.
+    """
     penalties = list(matrices)
     rows, cols = _grid(len(penalties))
     fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.8 * rows), squeeze=False)
     im = None
     for ax, penalty in zip(axes.flat, penalties):
-        im = ax.imshow(matrices[penalty], cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        m = matrices[penalty]
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
         ax.set_title(penalty, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
+        cuts = list((boundaries or {}).get(penalty) or [])
+        for b in cuts:
+            ax.axhline(b - 0.5, color="k", lw=0.7)
+            ax.axvline(b - 0.5, color="k", lw=0.7)
+        names = (layer_names or {}).get(penalty)
+        if names and len(names) == len(cuts) + 1:
+            edges = [0] + cuts + [m.shape[0]]
+            ax.set_yticks([(lo + hi - 1) / 2 for lo, hi in zip(edges[:-1], edges[1:])])
+            ax.set_yticklabels(names, fontsize=6)
+            ax.tick_params(axis="y", length=0, pad=1)
     for ax in list(axes.flat)[len(penalties):]:
         ax.axis("off")
     if im is not None:
@@ -111,15 +170,26 @@ def correlation_heatmaps(matrices: dict[str, np.ndarray], stem: Path, network: s
     return _save(fig, stem)
 
 
-def training_curves(curves: dict[str, list[dict]], stem: Path, title: str = "") -> list[Path]:
-    """Validation accuracy, training loss and mean MST death per epoch, one line per penalty."""
+def training_curves(curves: dict[str, list[dict]], stem: Path, title: str = "", baseline: str = "none") -> list[Path]:
+    """Validation accuracy, training loss and mean MST death per epoch, one line per penalty.
+
+    The curve named ``baseline`` (the unregularised run) is drawn on top, black and dashed.
+    """
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     panels = [("val_acc", "validation accuracy"), ("train_loss", "training loss (task)"), ("mean_death", "mean MST death (probe)")]
-    for penalty, epochs in curves.items():
+    # the unregularised baseline is drawn last, black, thick and dashed, so no curve hides it
+    order = sorted(curves, key=lambda name: name == baseline)
+    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(n for n in curves if n != baseline)}
+    for penalty in order:
+        epochs = curves[penalty]
         x = [e["epoch"] + 1 for e in epochs]
+        if penalty == baseline:
+            style = dict(color="k", lw=2.2, ls="--", zorder=5)
+        else:
+            style = dict(color=colours[penalty], lw=1.2)
         for ax, (key, _) in zip(axes, panels):
             y = [np.nan if e.get(key) is None else e[key] for e in epochs]
-            ax.plot(x, y, lw=1.3, label=penalty)
+            ax.plot(x, y, label=penalty, **style)
     for ax, (key, label) in zip(axes, panels):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)

@@ -1,32 +1,47 @@
 """The Markdown report of a sweep: ``topodecorr report DIR`` writes ``DIR/report.md``.
 
-Contents: the test-accuracy table at the weight chosen by validation accuracy,
-the Friedman / Nemenyi comparison with average ranks and the
-critical-difference diagram (:mod:`topodecorr.experiments.stats`), per-penalty
-histograms of the MST deaths at the end of training, correlation heat maps of
-one network per penalty, training curves, run counts and timings, the exact
-configuration and the software versions. Figures go to ``DIR/figures/``.
+Contents: warnings (runs at the epoch cap, near chance, diverged or failed), the
+test-accuracy table at the weight chosen by validation accuracy, the difference
+to ``none`` with bootstrap intervals, the Friedman / Nemenyi comparison over
+(dataset, network) blocks with average ranks and the critical-difference diagram
+(:mod:`topodecorr.experiments.stats`), per-penalty histograms of the MST deaths
+at the end of training, correlation heat maps of one network per penalty,
+training curves, run counts and timings, the exact configuration and the
+software versions. Figures go to ``DIR/figures/``.
+
+:func:`write_combined_report` (``topodecorr report --combine DIR... --out OUT``)
+pools several sweeps into one comparison: blocks are their (dataset, network)
+pairs.
 
 The report is built from one function per section; each returns its Markdown
-lines and reads only the database (through :class:`SweepData`), so the same
-database always gives the same report.
+lines and reads only the database (through :class:`SweepData`): the same
+database gives the same report, byte for byte (no clock, seeded bootstrap,
+reproducible figures).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .stats import Comparison, compare, describe, select_best
+from .stats import Comparison, accuracy_table, compare, describe, differences_to_baseline, select_best
 from .store import DB_NAME, ResultStore, StoreError
 
-__all__ = ["write_report", "summary_table", "markdown_table", "SweepData"]
+__all__ = ["write_report", "write_combined_report", "summary_table", "markdown_table", "SweepData", "run_warnings"]
+
+#: A finished run whose test accuracy is at most this multiple of chance (1 / classes) is flagged.
+CHANCE_FACTOR = 1.5
+#: Rows shown in a warnings list; the rest are counted.
+MAX_LISTED = 25
+#: The unregularised baseline of the differences.
+BASELINE = "none"
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -54,14 +69,18 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def summary_table(selected: pd.DataFrame, comp: Comparison, penalties: list[str]) -> str:
-    """Mean test accuracy (± std over seeds) per network and penalty, plus average ranks."""
+    """Mean test accuracy (± std over seeds) per block and penalty, plus average ranks.
+
+    A block is a network, or ``dataset/network`` when ``selected`` spans several datasets.
+    """
     desc = describe(selected)
     cols = [p for p in penalties if not desc.empty and p in set(desc["penalty"])]
     rows = []
-    for net in (sorted(desc["network"].unique()) if not desc.empty else []):
-        row: list[Any] = [net]
+    blocks = sorted(desc["block"].unique()) if not desc.empty else []
+    for block in blocks:
+        row: list[Any] = [block]
         for p in cols:
-            hit = desc[(desc["network"] == net) & (desc["penalty"] == p)]
+            hit = desc[(desc["block"] == block) & (desc["penalty"] == p)]
             if hit.empty:
                 row.append("–")
             else:
@@ -70,7 +89,13 @@ def summary_table(selected: pd.DataFrame, comp: Comparison, penalties: list[str]
         rows.append(row)
     if len(comp.average_ranks):
         rows.append(["**average rank**"] + [_fmt(comp.average_ranks.get(p), 2) for p in cols])
-    return markdown_table(["network"] + cols, rows)
+    label = "network" if desc.empty or desc["dataset"].nunique() <= 1 else "dataset/network"
+    return markdown_table([label] + cols, rows)
+
+
+def _n(count: int, word: str) -> str:
+    """``1 run``, ``2 runs``."""
+    return f"{count} {word}" + ("" if count == 1 else "s")
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -94,12 +119,14 @@ class SweepData:
     config, versions, data : dict
         The stored sweep configuration, software versions and data description.
     runs : list of dict
-        Every run row, ordered by id.
+        Every run row, ordered by id, with ``dataset`` set to ``label``.
     counts : dict
         Runs per status.
+    label : str
+        The name of this sweep's blocks' dataset in a comparison (default: the dataset).
     selected : DataFrame
         :func:`~topodecorr.experiments.stats.select_best` of ``runs``: the chosen weight
-        per (network, seed, penalty).
+        per (dataset, network, seed, penalty).
     """
 
     root: Path
@@ -109,9 +136,14 @@ class SweepData:
     data: dict
     runs: list[dict]
     counts: dict
-    selected: pd.DataFrame
+    label: str = ""
+    selected: pd.DataFrame = field(init=False)
 
     def __post_init__(self) -> None:
+        self.label = self.label or str(self.config.get("dataset", ""))
+        for r in self.runs:
+            r["dataset"] = self.label
+        self.selected = select_best(self.runs)
         by_key = {(r["network"], r["seed"], r["penalty"], float(r["weight"])): r for r in self.runs}
         self._chosen = {
             (s.network, int(s.seed), s.penalty): by_key[(s.network, int(s.seed), s.penalty, float(s.weight))]
@@ -119,8 +151,8 @@ class SweepData:
         }
 
     @classmethod
-    def load(cls, root: str | Path) -> "SweepData":
-        """Open ``root/results.sqlite`` read-only in spirit (nothing is written).
+    def load(cls, root: str | Path, label: str = "") -> "SweepData":
+        """Open ``root/results.sqlite`` (nothing is written to it).
 
         Raises
         ------
@@ -133,16 +165,15 @@ class SweepData:
             raise StoreError(f"no results database {DB_NAME} in {root}; run `topodecorr sweep` into that folder first")
         store = ResultStore(db, create=False)
         try:
-            runs = store.runs()
             return cls(
                 root=root,
                 store=store,
                 config=store.sweep_config() or {},
                 versions=json.loads(store.meta("versions", "{}") or "{}"),
                 data=json.loads(store.meta("data", "{}") or "{}"),
-                runs=runs,
+                runs=store.runs(),
                 counts=store.counts(),
-                selected=select_best(runs),
+                label=label,
             )
         except BaseException:
             store.close()
@@ -164,11 +195,22 @@ class SweepData:
         return [n["label"] for n in self.config.get("networks", [])] or sorted({r["network"] for r in self.runs})
 
     @property
+    def num_classes(self) -> int | None:
+        n = self.data.get("num_classes")
+        return int(n) if n else None
+
+    @property
     def first_block(self) -> tuple[str, int] | None:
         """The (network, seed) whose heat maps and curves are shown: the first of each."""
         if self.networks and self.config.get("seeds"):
             return self.networks[0], int(self.config["seeds"][0])
         return None
+
+    def max_epochs(self, run: dict) -> int | None:
+        """The epoch cap of ``run`` (its stored configuration, else the sweep's)."""
+        train = json.loads(run.get("config") or "{}").get("train") or self.config.get("train") or {}
+        cap = train.get("max_epochs")
+        return int(cap) if cap is not None else None
 
     def chosen(self, network: str, seed: int, penalty: str) -> dict | None:
         """The run row of the weight chosen for (network, seed, penalty), or None."""
@@ -178,6 +220,109 @@ class SweepData:
         """The chosen run of every seed of (network, penalty), in seed order."""
         keys = sorted(k for k in self._chosen if k[0] == network and k[2] == penalty)
         return [self._chosen[k] for k in keys]
+
+    def is_chosen(self, run: dict) -> bool:
+        return self._chosen.get((run["network"], int(run["seed"]), run["penalty"])) is run
+
+
+# -- warnings ---------------------------------------------------------------------------------
+
+
+def run_warnings(sweep: SweepData) -> list[dict]:
+    """Every finished run with its warning flags.
+
+    Returns
+    -------
+    list of dict
+        One per run that is ``done``, ``diverged`` or ``failed``, in id order, with the run's
+        ``dataset, network, penalty, weight, seed, status, test_acc, epochs, error`` and the
+        flags ``capped`` (done, and trained for the whole epoch cap: early stopping never
+        ended it, so it may be under-trained), ``chance`` (done with test accuracy at most
+        :data:`CHANCE_FACTOR` / classes; False when the number of classes is not stored),
+        ``diverged``, ``failed`` and ``chosen`` (its weight is the one the tables use).
+    """
+    out = []
+    classes = sweep.num_classes
+    for r in sweep.runs:
+        if r["status"] not in ("done", "diverged", "failed"):
+            continue
+        done = r["status"] == "done"
+        cap = sweep.max_epochs(r)
+        out.append({
+            **{k: r.get(k) for k in ("dataset", "network", "penalty", "weight", "seed", "status", "test_acc",
+                                     "epochs", "best_epoch", "error")},
+            "capped": bool(done and cap is not None and r["epochs"] is not None and r["epochs"] >= cap),
+            "chance": bool(done and classes and r["test_acc"] is not None
+                           and r["test_acc"] <= CHANCE_FACTOR / classes),
+            "diverged": r["status"] == "diverged",
+            "failed": r["status"] == "failed",
+            "chosen": sweep.is_chosen(r),
+        })
+    return out
+
+
+def _listed(header: list[str], rows: list[list[Any]]) -> list[str]:
+    md = [markdown_table(header, rows[:MAX_LISTED]) + "\n"]
+    if len(rows) > MAX_LISTED:
+        md.append(f"(and {len(rows) - MAX_LISTED} more)\n")
+    return md
+
+
+def _warnings_section(sweeps: list[SweepData]) -> list[str]:
+    flags = [f for s in sweeps for f in run_warnings(s)]
+    penalties = list(dict.fromkeys(p for s in sweeps for p in s.penalties))
+    several = len(sweeps) > 1
+    md = ["## Warnings\n"]
+    if not flags:
+        return md + ["No run has finished yet.\n"]
+    kinds = ("capped", "chance", "diverged", "failed")
+    unknown = [s.name for s in sweeps if s.num_classes is None]
+    skipped = (f"- Near-chance check skipped for {', '.join(unknown)}: the database does not store the number "
+               "of classes.\n") if unknown else None
+    if not any(f[k] for f in flags for k in kinds):
+        md.append(f"No run hit the epoch cap{'' if unknown else ', ended near chance'}, diverged or failed.\n")
+        return md + ([skipped] if skipped else [])
+    rows = []
+    for p in penalties:
+        fs = [f for f in flags if f["penalty"] == p]
+        if fs:
+            rows.append([p, len(fs)] + [sum(f[k] for f in fs) for k in kinds])
+    md.append(markdown_table(["penalty", "finished runs", "at epoch cap", "near chance", "diverged", "failed"],
+                             rows) + "\n")
+    capped = [f for f in flags if f["capped"]]
+    if capped:
+        caps = sorted({c for s in sweeps for c in (s.max_epochs(r) for r in s.runs) if c is not None})
+        improving = sum(f["best_epoch"] is not None and f["best_epoch"] >= f["epochs"] - 1 for f in capped)
+        md.append(
+            f"- **At the epoch cap** ({len(capped)} of {len(flags)} finished runs; cap {', '.join(map(str, caps))} "
+            f"epochs): training ended at the cap, not by early stopping, so these runs may be under-trained; "
+            f"{improving} of them had their best validation loss in the last epoch, and "
+            f"{sum(f['chosen'] for f in capped)} are chosen weights that enter the tables below."
+        )
+    if skipped:
+        md.append(skipped.rstrip("\n"))
+    chance = [f for f in flags if f["chance"]]
+    classes = sorted({s.num_classes for s in sweeps if s.num_classes})
+    if chance:
+        md.append(
+            f"- **Near chance** ({_n(len(chance), 'run')}, {sum(f['chosen'] for f in chance)} of them chosen): "
+            "test accuracy "
+            f"at most {CHANCE_FACTOR:g} × chance (chance = 1 / {', '.join(map(str, classes))} classes); such a run "
+            "learned (almost) nothing, and is not counted as diverged.\n"
+        )
+        header = (["dataset"] if several else []) + ["network", "penalty", "weight", "seed", "test acc", "chosen"]
+        md += _listed(header, [([f["dataset"]] if several else [])
+                               + [f["network"], f["penalty"], f"{f['weight']:g}", f["seed"], f["test_acc"],
+                                  "yes" if f["chosen"] else ""] for f in chance])
+    bad = [f for f in flags if f["diverged"] or f["failed"]]
+    if bad:
+        md.append(f"- **Diverged or failed** ({_n(len(bad), 'run')}): dropped from the statistics.\n")
+        header = (["dataset"] if several else []) + ["network", "penalty", "weight", "seed", "status", "reason"]
+        md += _listed(header, [([f["dataset"]] if several else [])
+                               + [f["network"], f["penalty"], f"{f['weight']:g}", f["seed"], f["status"],
+                                  (f["error"] or "").splitlines()[0][:120] if f["error"] else ""] for f in bad])
+    md.append("")
+    return md
 
 
 # -- sections -------------------------------------------------------------------------------
@@ -204,21 +349,66 @@ def _header(sweep: SweepData) -> list[str]:
     return md
 
 
-def _accuracy_section(sweep: SweepData, comp: Comparison, table: str) -> list[str]:
-    md = ["## Test accuracy\n"]
-    md.append(
-        "For every network, seed and penalty the weight with the best validation accuracy is chosen "
-        "(diverged runs dropped), as in the paper; the table gives its test accuracy, mean ± std over "
-        "seeds, and the average Friedman rank over all (network, seed) blocks (1 = best).\n"
-    )
-    md.append(table + "\n")
-    if not comp.table.empty:
-        md.append("Per block (test accuracy, chosen weight in brackets):\n")
+_SELECTION = (
+    "For every network, seed and penalty the weight with the best validation accuracy is chosen "
+    "(diverged runs dropped), as in the paper; the table gives its test accuracy, mean ± std over "
+    "seeds. The average rank is the Friedman rank over the (dataset, network) blocks, each block "
+    "valued by the seed-mean test accuracy (1 = best).\n"
+)
+
+
+def _accuracy_section(sweep: SweepData, table: str) -> list[str]:
+    md = ["## Test accuracy\n", _SELECTION, table + "\n"]
+    per_run = accuracy_table(sweep.selected[sweep.selected["penalty"].isin(sweep.penalties)])
+    if not per_run.empty:
+        weights = accuracy_table(sweep.selected, "weight")
+        cols = [p for p in sweep.penalties if p in per_run.columns]
+        md.append("Per network and seed (test accuracy, chosen weight in brackets):\n")
         rows = [
-            [block] + [f"{comp.table.loc[block, p]:.4f} ({comp.weights.loc[block, p]:g})" for p in comp.table.columns]
-            for block in comp.table.index
+            [key] + [("–" if pd.isna(per_run.loc[key, p])
+                      else f"{per_run.loc[key, p]:.4f} ({weights.loc[key, p]:g})") for p in cols]
+            for key in per_run.index
         ]
-        md.append(markdown_table(["network/seed"] + list(comp.table.columns), rows) + "\n")
+        md.append(markdown_table(["network/seed"] + cols, rows) + "\n")
+    return md
+
+
+def _signed(x: float) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:+.4f}"
+
+
+def _interval(lo: float, hi: float) -> str:
+    return "–" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{lo:+.4f}, {hi:+.4f}]"
+
+
+def _difference_section(selected: pd.DataFrame, penalties: list[str]) -> list[str]:
+    md = [f"## Difference to `{BASELINE}`\n"]
+    pooled, per_block = differences_to_baseline(selected, BASELINE, penalties)
+    if pooled.empty:
+        return md + [f"Not computed: no block has finished runs of both `{BASELINE}` and another penalty.\n"]
+    nblocks = per_block["block"].nunique()
+    md.append(
+        f"Test accuracy of the chosen weight minus that of `{BASELINE}`, paired by seed (same network, same "
+        f"seed), averaged over the seeds of each block (dataset, network) and then over the blocks; in "
+        "brackets the 95% percentile bootstrap interval, resampling seeds within each block (10,000 "
+        "replicates, generator seed 0, so the report is reproducible). With a handful of seeds the interval "
+        "is approximate and tends to be narrow; one that contains 0 shows no effect distinguishable from "
+        "seed noise.\n"
+    )
+    rows = [[p, _signed(r["mean"]), _interval(r["low"], r["high"]), int(r["blocks"]), int(r["pairs"])]
+            for p, r in pooled.iterrows()]
+    md.append(markdown_table(["penalty", "mean difference", "95% interval", "blocks", "seed pairs"], rows) + "\n")
+    if nblocks > 1:
+        cols = list(pooled.index)
+        md.append("Per block (mean difference [95% interval]):\n")
+        rows = []
+        for block in dict.fromkeys(per_block["block"]):
+            hit = per_block[per_block["block"] == block].set_index("penalty")
+            rows.append([block] + [
+                "–" if p not in hit.index
+                else f"{_signed(hit.loc[p, 'mean'])} {_interval(hit.loc[p, 'low'], hit.loc[p, 'high'])}"
+                for p in cols])
+        md.append(markdown_table(["block"] + cols, rows) + "\n")
     return md
 
 
@@ -226,10 +416,13 @@ def _comparison_section(comp: Comparison, figs: Path, root: Path) -> list[str]:
     from . import plots
 
     md = ["## Statistical comparison\n", comp.summary() + "\n"]
+    seeds = sorted({int(v) for v in comp.seeds.values}) if len(comp.seeds) else []
     md.append(
-        "Blocks are (network, seed) pairs. Seeds of one network are not independent data sets (the paper "
-        "had one run per network), so with several seeds the p-values are optimistic; the per-network "
-        "means above show how much of a difference is seed noise.\n"
+        "Blocks are (dataset, network) pairs, each valued by the seed-mean test accuracy of the chosen weights"
+        + (f" ({' or '.join(map(str, seeds))} {'seed' if seeds == [1] else 'seeds'} per block)" if seeds else "")
+        + ". Seeds are not blocks: they are repeated runs of one network on one data set, not independent "
+        "data sets, and counting them as blocks would make the p-values optimistic. With few blocks the test "
+        "has little power; `topodecorr report --combine DIR... --out OUT` pools several sweeps into one comparison.\n"
     )
     md += [f"- {note}" for note in comp.notes]
     md.append("")
@@ -258,42 +451,101 @@ def _deaths_section(sweep: SweepData, figs: Path) -> list[str]:
         if per_net:
             deaths[p] = per_net
             allv = np.concatenate(list(per_net.values()))
-            rows.append([p, float(allv.min()), float(np.quantile(allv, 0.1)), float(np.median(allv)), float(allv.mean())])
+            rows.append([p, float(allv.min()), float(np.quantile(allv, 0.1)), float(np.median(allv)),
+                         float(allv.mean()), f"{np.mean(allv < 5e-5):.1%}", f"{np.mean(allv >= plots.DEAD_DEATH):.1%}"])
     md = ["## MST deaths at the end of training\n"]
     if not deaths:
         return md + ["No finished run stored its deaths.\n"]
     paths = plots.death_histograms(deaths, figs / "death_histograms")
     md.append(
         "Zero-dimensional persistence deaths (MST edge weights of 1 - |corr|) of the final networks on a fixed "
-        "validation probe batch; low deaths are strongly correlated neuron pairs. The bar at 1 holds the "
-        "dead neurons (constant on the probe: correlation 0 with every other neuron).\n"
+        "validation probe batch; low deaths are strongly correlated neuron pairs. The separate bar right of 1 "
+        "holds the dead neurons (constant on the probe: correlation 0 with every other neuron, death 1).\n"
     )
     md.append(f"![death histograms]({_rel(paths[0], sweep.root)})\n")
-    md.append(markdown_table(["penalty", "min", "10%", "median", "mean"], rows) + "\n")
+    md.append(markdown_table(["penalty", "min", "10%", "median", "mean", "share 0", "share 1 (dead)"], rows) + "\n")
+    md.append(
+        "A min of 0.0000 means at least one pair of neurons is perfectly correlated on the probe batch (|corr| = 1 "
+        "to four decimals): duplicate neurons, e.g. two ReLUs that fire on the same few probe samples only; "
+        "`share 0` counts such deaths. Dead neurons do not cause it: their death is 1 (`share 1`).\n"
+    )
     return md
 
 
+def _layer_layout(row: dict, data: dict, m: int) -> tuple[list[int], list[str]] | str:
+    """Where the layers start in a stored correlation matrix of ``m`` neurons, or why that is unknown.
+
+    The database stores the matrix without its layer sizes; they are rebuilt from the
+    run's network configuration (the probe's own layer rule) and accepted only when
+    they add up to the stored neuron count and give ``m`` sampled neurons.
+    """
+    try:
+        import torch
+
+        from .models import build_model
+        from .train import CORR_MAX_NEURONS, _probe_activations
+    except ImportError as exc:  # pragma: no cover - torch is part of every install
+        return f"the layer sizes cannot be rebuilt without torch ({exc})"
+    cfg = json.loads(row.get("config") or "{}")
+    train = cfg.get("train") or {}
+    shape, classes = data.get("input_shape"), data.get("num_classes")
+    if not cfg.get("model") or not shape or not classes:
+        return "the database lacks the network configuration or the data shape"
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(cfg["model"], shape, classes, **(cfg.get("model_params") or {}))
+            acts = _probe_activations(model, torch.zeros(2, *shape), train.get("sampling", "all"),
+                                      float(train.get("fraction", 1.0)))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return f"rebuilding network {cfg['model']!r} failed ({exc})"
+    widths = [int(a.shape[1]) for a in acts]
+    n = sum(widths)
+    stored = json.loads(row.get("metrics") or "{}").get("neurons")
+    if stored is not None and int(stored) != n:
+        return f"the rebuilt layers hold {n} neurons, the run stored {stored}"
+    idx = torch.linspace(0, n - 1, min(n, CORR_MAX_NEURONS)).round().long().unique().numpy()
+    if len(idx) != m:
+        return f"the rebuilt layers give {len(idx)} sampled neurons, the matrix has {m}"
+    cuts = [int(np.searchsorted(idx, c)) for c in np.cumsum(widths)[:-1]]
+    names = [f"h{i + 1}" for i in range(len(widths) - 1)] + ["out"]
+    return cuts, names
+
+
 def _heatmap_section(sweep: SweepData, figs: Path) -> list[str]:
-    """Correlation heat maps of the first network's first seed at the chosen weight."""
+    """Correlation heat maps of the first network's first seed at the chosen weight, layers marked."""
     from . import plots
 
     md = ["## Correlation heat maps\n"]
     mats: dict[str, np.ndarray] = {}
+    cuts: dict[str, list[int]] = {}
+    names: dict[str, list[str]] = {}
+    unknown: dict[str, list[str]] = {}
     block = sweep.first_block
     if block is not None:
         net0, seed0 = block
         for p in sweep.penalties:
             row = sweep.chosen(net0, seed0, p)
             m = sweep.store.correlation(row["id"]) if row else None
-            if m is not None:
-                mats[p] = m
+            if m is None:
+                continue
+            mats[p] = m
+            layout = _layer_layout(row, sweep.data, m.shape[0])
+            if isinstance(layout, str):
+                unknown.setdefault(layout, []).append(p)
+            else:
+                cuts[p], names[p] = layout
     if not mats:
         return md + ["No correlation matrix stored.\n"]
-    paths = plots.correlation_heatmaps(mats, figs / "correlations", network=f"({net0}, seed {seed0})")
+    paths = plots.correlation_heatmaps(mats, figs / "correlations", network=f"({net0}, seed {seed0})",
+                                       boundaries=cuts, layer_names=names)
     md.append(
         f"Pearson correlations of up to {max(m.shape[0] for m in mats.values())} neurons spread evenly over "
-        f"the layers of `{net0}` (seed {seed0}, chosen weight), ordered by layer.\n"
+        f"the layers of `{net0}` (seed {seed0}, chosen weight), ordered by layer (h1 = first hidden layer, "
+        "out = logits). The database stores the matrix without layer sizes: the black lines are rebuilt from "
+        "the network's configuration and checked against the stored neuron count.\n"
     )
+    for why, pens in unknown.items():
+        md.append(f"Layer boundaries not drawn for {', '.join(pens)}: {why}.\n")
     md.append(f"![correlation heat maps]({_rel(paths[0], sweep.root)})\n")
     return md
 
@@ -310,11 +562,12 @@ def _curves_section(sweep: SweepData, figs: Path) -> list[str]:
         for p in sweep.penalties:
             row = sweep.chosen(net0, seed0, p)
             if row:
-                curves[f"{p} ({row['weight']:g})" if p != "none" else p] = sweep.store.epochs(row["id"])
+                curves[f"{p} ({row['weight']:g})" if p != BASELINE else p] = sweep.store.epochs(row["id"])
     if not curves:
         return md + ["No finished run to plot.\n"]
-    paths = plots.training_curves(curves, figs / "training_curves", title=f"{net0}, seed {seed0}, chosen weights")
-    return md + [f"![training curves]({_rel(paths[0], sweep.root)})\n"]
+    paths = plots.training_curves(curves, figs / "training_curves", title=f"{net0}, seed {seed0}, chosen weights",
+                                  baseline=BASELINE)
+    return md + [f"`{BASELINE}` is the black dashed line.\n", f"![training curves]({_rel(paths[0], sweep.root)})\n"]
 
 
 def _runs_section(sweep: SweepData) -> list[str]:
@@ -330,15 +583,10 @@ def _runs_section(sweep: SweepData) -> list[str]:
                 f"{np.median(ep):.3f}" if ep else None,
                 f"{sum(r['wall_s'] or 0 for r in rs):.1f}",
             ])
-    md.append(markdown_table(["penalty", "runs", "diverged", "mean epochs", "median epoch s", "total wall s"], rows) + "\n")
-    bad = [r for r in sweep.runs if r["status"] in ("diverged", "failed")]
-    if bad:
-        md.append("Diverged or failed runs:\n")
-        md.append(markdown_table(
-            ["network", "penalty", "weight", "seed", "status", "reason"],
-            [[r["network"], r["penalty"], f"{r['weight']:g}", r["seed"], r["status"],
-              (r["error"] or "").splitlines()[0][:120] if r["error"] else ""] for r in bad],
-        ) + "\n")
+    header = ["penalty", "runs", "diverged", "mean epochs", "median s per epoch", "total run time s"]
+    md.append(markdown_table(header, rows) + "\n")
+    md.append("Times are those measured during the sweep (on its machine, under its load); "
+              "the warnings above list the diverged and failed runs.\n")
     return md
 
 
@@ -378,7 +626,9 @@ def write_report(out_dir: str | Path, alpha: float = 0.05) -> tuple[Path, str]:
         table = summary_table(sweep.selected, comp, sweep.penalties)
         md = (
             _header(sweep)
-            + _accuracy_section(sweep, comp, table)
+            + _warnings_section([sweep])
+            + _accuracy_section(sweep, table)
+            + _difference_section(sweep.selected, sweep.penalties)
             + _comparison_section(comp, figs, sweep.root)
             + _deaths_section(sweep, figs)
             + _heatmap_section(sweep, figs)
@@ -391,3 +641,118 @@ def write_report(out_dir: str | Path, alpha: float = 0.05) -> tuple[Path, str]:
         return path, table + "\n\n" + comp.summary()
     finally:
         sweep.close()
+
+
+# -- several sweeps ---------------------------------------------------------------------------
+
+
+def _load_all(dirs: list[str | Path]) -> list[SweepData]:
+    """Open every sweep; label blocks by dataset, or by dataset and sweep name where datasets repeat."""
+    seen: dict[Path, str] = {}
+    for d in dirs:
+        key = Path(d).resolve()
+        if key in seen:
+            raise StoreError(f"sweep folder {d} is given twice (also as {seen[key]}); give each sweep once")
+        seen[key] = str(d)
+    sweeps: list[SweepData] = []
+    try:
+        for d in dirs:
+            sweeps.append(SweepData.load(d))
+        datasets = [s.label for s in sweeps]
+        labels = [f"{s.label} ({s.name})" if datasets.count(s.label) > 1 else s.label for s in sweeps]
+        if len(set(labels)) < len(labels):
+            dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+            raise StoreError(f"sweeps {dup} share dataset and name; rename one (its `name`) to combine them")
+        for i, (s, lab) in enumerate(zip(sweeps, labels)):
+            if lab != s.label:
+                sweeps[i] = SweepData(root=s.root, store=s.store, config=s.config, versions=s.versions, data=s.data,
+                                      runs=s.runs, counts=s.counts, label=lab)
+        return sweeps
+    except BaseException:
+        for s in sweeps:
+            s.close()
+        raise
+
+
+def _combined_header(sweeps: list[SweepData], out: Path, penalties: list[str], left_out: list[str]) -> list[str]:
+    md = [f"# Combined report of {len(sweeps)} sweeps\n"]
+    md.append(
+        "One comparison over the (dataset, network) blocks of all sweeps below, as the paper pooled its "
+        "MNIST and CIFAR-10 networks. Each sweep's own report has its figures, curves and configuration.\n"
+    )
+    rows = []
+    for s in sweeps:
+        caps = sorted({c for c in (s.max_epochs(r) for r in s.runs) if c is not None})
+        link = Path(os.path.relpath(s.root / "report.md", out)).as_posix()
+        rows.append([f"`{s.name}`", s.label, ", ".join(s.networks), len(s.config.get("seeds") or []),
+                     ", ".join(map(str, caps)) or "–",
+                     ", ".join(f"{v} {k}" for k, v in s.counts.items() if v), f"[report]({link})"])
+    md.append(markdown_table(["sweep", "dataset", "networks", "seeds", "epoch cap", "runs", "report"], rows) + "\n")
+    md.append(f"Penalties compared: {', '.join(penalties)}.\n")
+    if left_out:
+        md.append(f"Left out (not in every sweep): {', '.join(left_out)}.\n")
+    if any(s.counts.get("pending") or s.counts.get("running") for s in sweeps):
+        md.append("> **Some sweeps are incomplete**: the tables below use the finished runs only.\n")
+    return md
+
+
+def _combined_versions(sweeps: list[SweepData]) -> list[str]:
+    packages = sorted({k for s in sweeps for k in s.versions})
+    rows = [[k] + [s.versions.get(k, "–") for s in sweeps] for k in packages]
+    return ["## Software versions\n", markdown_table(["package"] + [f"`{s.name}`" for s in sweeps], rows) + "\n"]
+
+
+def write_combined_report(dirs: list[str | Path], out_dir: str | Path, alpha: float = 0.05) -> tuple[Path, str]:
+    """Pool several sweeps into one comparison and write ``out_dir/report.md``.
+
+    Blocks are the (dataset, network) pairs of all sweeps; only penalties present in
+    every sweep are compared. Figures go to ``out_dir/figures/``.
+
+    Parameters
+    ----------
+    dirs : list of path
+        Sweep folders, each holding ``results.sqlite``.
+    out_dir : path
+        Folder of the combined report (created); must not be one of ``dirs``.
+    alpha : float
+        Significance level.
+
+    Returns
+    -------
+    (Path, str)
+        The report's path and the summary table (Markdown) for printing.
+
+    Raises
+    ------
+    StoreError
+        A folder holds no readable database, is given twice, or is ``out_dir``.
+    """
+    if not dirs:
+        raise StoreError("--combine needs at least one sweep folder")
+    out = Path(out_dir)
+    if any(out.resolve() == Path(d).resolve() for d in dirs):
+        raise StoreError(f"the combined report would overwrite the report of sweep {out}; choose another --out folder")
+    sweeps = _load_all(list(dirs))
+    try:
+        common = [p for p in sweeps[0].penalties if all(p in s.penalties for s in sweeps[1:])]
+        left_out = sorted({p for s in sweeps for p in s.penalties} - set(common))
+        selected = pd.concat([s.selected for s in sweeps], ignore_index=True)
+        selected = selected[selected["penalty"].isin(common)]
+        comp = compare(selected, alpha=alpha, penalties=common)
+        figs = out / "figures"
+        figs.mkdir(parents=True, exist_ok=True)
+        table = summary_table(selected, comp, common)
+        md = (
+            _combined_header(sweeps, out, common, left_out)
+            + _warnings_section(sweeps)
+            + ["## Test accuracy\n", _SELECTION, table + "\n"]
+            + _difference_section(selected, common)
+            + _comparison_section(comp, figs, out)
+            + _combined_versions(sweeps)
+        )
+        path = out / "report.md"
+        _write_text(path, "\n".join(md))
+        return path, table + "\n\n" + comp.summary()
+    finally:
+        for s in sweeps:
+            s.close()

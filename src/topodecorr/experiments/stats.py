@@ -1,15 +1,20 @@
-"""Statistics of a sweep: weight selection, Friedman test, Nemenyi post-hoc test.
+"""Statistics of a sweep: weight selection, Friedman test, Nemenyi post-hoc test, bootstrap intervals.
 
-Following the paper (and Demsar, JMLR 7, 2006):
+Following the paper (and Demsar, JMLR 7, 2006), with one change the paper did not
+need (it had one run per network):
 
-1. For every block -- a (network, seed) pair -- and penalty, the weight with the
-   best validation accuracy is chosen (diverged and failed runs are dropped;
-   ties go to the lower validation loss, then the smaller weight) and its test
-   accuracy is reported.
-2. Blocks with a result for every penalty enter the comparison. Within a block
-   the penalties are ranked by test accuracy (rank 1 = best, ties averaged).
-3. Friedman test (:func:`scipy.stats.friedmanchisquare`) over the ``N`` blocks and
-   ``k`` penalties; Nemenyi post-hoc p-values
+1. **Weight selection.** For every (dataset, network, seed) and penalty the weight
+   with the best validation accuracy is chosen (diverged and failed runs are
+   dropped; ties go to the lower validation loss, then the smaller weight) and its
+   test accuracy is kept (:func:`select_best`). The choice is made per seed, as a
+   user with one training run would make it.
+2. **Blocks.** Seeds of one network are not independent data sets, so a block is a
+   (dataset, network) pair and its value the mean over seeds of the chosen test
+   accuracies (:func:`block_means`). Only seeds with a result for every penalty
+   count (the means are paired); a block without such a seed is left out.
+   Within a block the penalties are ranked (rank 1 = best, ties averaged).
+3. **Friedman test** (:func:`scipy.stats.friedmanchisquare`) over the ``N`` blocks
+   and ``k`` penalties; Nemenyi post-hoc p-values
    (:func:`scikit_posthocs.posthoc_nemenyi_friedman`); the critical difference
 
        CD = q_alpha * sqrt(k (k + 1) / (6 N)),   q_alpha = Q_{1-alpha}(k, inf) / sqrt(2)
@@ -17,6 +22,10 @@ Following the paper (and Demsar, JMLR 7, 2006):
    with ``Q`` the studentized range distribution
    (:data:`scipy.stats.studentized_range`). Two penalties whose average ranks
    differ by more than CD differ significantly at level alpha.
+4. **Effect sizes** (:func:`differences_to_baseline`): per penalty, the test-accuracy
+   difference to ``none`` paired by seed, averaged over seeds and then over
+   blocks, with a percentile bootstrap interval that resamples seeds within each
+   block (a seeded generator: the same data give the same interval).
 
 Fewer than 3 penalties or fewer than 3 complete blocks, or a table without any
 variation, are *reported* as "not computed", never raised.
@@ -32,38 +41,121 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-__all__ = ["select_best", "critical_difference", "Comparison", "compare", "accuracy_table", "describe"]
+__all__ = [
+    "select_best",
+    "block_means",
+    "critical_difference",
+    "Comparison",
+    "compare",
+    "friedman_nemenyi",
+    "accuracy_table",
+    "describe",
+    "differences_to_baseline",
+]
+
+#: The keys of one choice of weight; a block is (dataset, network).
+_CHOICE = ["dataset", "network", "seed", "penalty"]
 
 
 def select_best(runs: Iterable[dict]) -> pd.DataFrame:
-    """Choose, per (network, seed, penalty), the weight with the best validation accuracy.
+    """Choose, per (dataset, network, seed, penalty), the weight with the best validation accuracy.
 
     Parameters
     ----------
     runs : iterable of dict
-        Run rows with ``network, seed, penalty, weight, status, val_acc, val_loss, test_acc``.
-        Only ``status == "done"`` rows with a finite validation accuracy count.
+        Run rows with ``network, seed, penalty, weight, status, val_acc, val_loss, test_acc``
+        and optionally ``dataset`` (missing: ``""``). Only ``status == "done"`` rows with
+        a finite validation and test accuracy count.
 
     Returns
     -------
     DataFrame
-        One row per (network, seed, penalty): ``weight, val_acc, val_loss, test_acc``
+        One row per (dataset, network, seed, penalty): ``weight, val_acc, val_loss, test_acc``
         and ``candidates`` (how many weights competed).
     """
     df = pd.DataFrame(list(runs))
-    cols = ["network", "seed", "penalty", "weight", "val_acc", "val_loss", "test_acc", "candidates"]
+    cols = _CHOICE + ["weight", "val_acc", "val_loss", "test_acc", "candidates"]
     if df.empty:
         return pd.DataFrame(columns=cols)
+    if "dataset" not in df.columns:
+        df["dataset"] = ""
     df = df[(df["status"] == "done") & df["val_acc"].notna() & df["test_acc"].notna()].copy()
     if df.empty:
         return pd.DataFrame(columns=cols)
     df["val_loss"] = df["val_loss"].fillna(math.inf)
-    df = df.sort_values(["network", "seed", "penalty", "val_acc", "val_loss", "weight"],
-                        ascending=[True, True, True, False, True, True])
-    counts = df.groupby(["network", "seed", "penalty"]).size().rename("candidates")
-    best = df.groupby(["network", "seed", "penalty"], as_index=False).first()
-    best = best.merge(counts.reset_index(), on=["network", "seed", "penalty"])
+    df = df.sort_values(_CHOICE + ["val_acc", "val_loss", "weight"],
+                        ascending=[True, True, True, True, False, True, True])
+    counts = df.groupby(_CHOICE).size().rename("candidates")
+    best = df.groupby(_CHOICE, as_index=False).first()
+    best = best.merge(counts.reset_index(), on=_CHOICE)
     return best[cols].reset_index(drop=True)
+
+
+def _block_labels(selected: pd.DataFrame) -> pd.Series:
+    """``network`` when all rows share one dataset, else ``dataset/network``."""
+    if selected["dataset"].nunique() <= 1:
+        return selected["network"].astype(str)
+    return selected["dataset"].astype(str) + "/" + selected["network"].astype(str)
+
+
+def block_means(selected: pd.DataFrame, penalties: list[str] | None = None,
+                value: str = "test_acc") -> tuple[pd.DataFrame, pd.Series, list[str]]:
+    """Seed-mean of the chosen ``value`` per block (dataset, network) and penalty.
+
+    Parameters
+    ----------
+    selected : DataFrame
+        Output of :func:`select_best`.
+    penalties : list of str, optional
+        The columns (default: every penalty found, sorted).
+    value : str
+        The column averaged.
+
+    Returns
+    -------
+    table : DataFrame
+        Rows blocks (``network``, or ``dataset/network`` when there are several datasets),
+        columns penalties; only blocks with at least one seed that has a result for every
+        penalty, averaged over exactly those seeds.
+    seeds : Series
+        Number of seeds averaged per block.
+    notes : list of str
+        Blocks and seeds that were left out, and why.
+
+    Examples
+    --------
+    >>> sel = select_best([dict(network="a", seed=s, penalty=p, weight=0.1, status="done",
+    ...                         val_acc=0.5, val_loss=1.0, test_acc=acc)
+    ...                    for s, accs in enumerate([(0.8, 0.9), (0.6, 0.7), (0.7, None)])
+    ...                    for p, acc in zip("xy", accs) if acc is not None])
+    >>> table, seeds, notes = block_means(sel, ["x", "y"])
+    >>> table.round(3).to_dict("records"), int(seeds["a"])
+    ([{'x': 0.7, 'y': 0.8}], 2)
+    >>> notes
+    ['a: seeds [2] left out (no result for every penalty)']
+    """
+    notes: list[str] = []
+    if selected.empty:
+        return pd.DataFrame(columns=penalties or []), pd.Series(dtype=int), notes
+    sel = selected.assign(block=_block_labels(selected))
+    cols = list(penalties) if penalties is not None else sorted(sel["penalty"].unique())
+    rows, counts = {}, {}
+    for block in dict.fromkeys(sel.sort_values(["dataset", "network"])["block"]):
+        per_seed = sel[sel["block"] == block].pivot(index="seed", columns="penalty", values=value)
+        per_seed = per_seed.reindex(columns=cols)
+        complete = per_seed.dropna(axis=0, how="any")
+        if complete.empty:
+            missing = [p for p in cols if per_seed[p].isna().all()]
+            why = f"no result for {missing}" if missing else "no seed with a result for every penalty"
+            notes.append(f"block {block} left out: {why}")
+            continue
+        dropped = [int(s) for s in per_seed.index if s not in complete.index]
+        if dropped:
+            notes.append(f"{block}: seeds {dropped} left out (no result for every penalty)")
+        rows[block] = complete.mean(axis=0)
+        counts[block] = len(complete)
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=cols) if rows else pd.DataFrame(columns=cols)
+    return table.astype(float), pd.Series(counts, dtype=int), notes
 
 
 def critical_difference(k: int, n: int, alpha: float = 0.05) -> float:
@@ -82,15 +174,15 @@ def critical_difference(k: int, n: int, alpha: float = 0.05) -> float:
 
 @dataclass
 class Comparison:
-    """The result of :func:`compare`.
+    """The result of :func:`compare` / :func:`friedman_nemenyi`.
 
     Attributes
     ----------
     table : DataFrame
-        Test accuracy of the chosen weight; rows are blocks ``"network/seed"``,
-        columns penalties (complete blocks only).
-    weights : DataFrame
-        The chosen weights, same shape.
+        Seed-mean test accuracy of the chosen weights; rows are blocks (``network``, or
+        ``dataset/network`` over several datasets), columns penalties (complete blocks only).
+    seeds : Series
+        Seeds averaged per block.
     ranks : DataFrame
         Ranks within each block (1 = best).
     average_ranks : Series
@@ -104,11 +196,11 @@ class Comparison:
     significant : bool
         Whether the Friedman test rejects equal performance at ``alpha``.
     notes : list of str
-        Human-readable remarks (dropped blocks, degenerate cases).
+        Human-readable remarks (dropped blocks, degenerate cases, few blocks).
     """
 
     table: pd.DataFrame
-    weights: pd.DataFrame
+    seeds: pd.Series
     ranks: pd.DataFrame
     average_ranks: pd.Series
     alpha: float = 0.05
@@ -141,56 +233,46 @@ class Comparison:
 
 
 def accuracy_table(selected: pd.DataFrame, value: str = "test_acc") -> pd.DataFrame:
-    """Pivot :func:`select_best` output: rows ``network/seed``, columns penalties."""
+    """Pivot :func:`select_best` output: rows ``block/seed``, columns penalties (one row per run)."""
     if selected.empty:
         return pd.DataFrame()
-    sel = selected.copy()
-    sel["block"] = sel["network"].astype(str) + "/" + sel["seed"].astype(str)
-    return sel.pivot(index="block", columns="penalty", values=value)
+    sel = selected.sort_values(["dataset", "network", "seed"])
+    sel = sel.assign(row=_block_labels(sel) + "/" + sel["seed"].astype(str))
+    table = sel.pivot(index="row", columns="penalty", values=value)
+    return table.loc[list(dict.fromkeys(sel["row"]))]
 
 
-def compare(selected: pd.DataFrame, alpha: float = 0.05, penalties: list[str] | None = None) -> Comparison:
-    """Friedman + Nemenyi comparison of the penalties over the complete blocks.
+def friedman_nemenyi(table: pd.DataFrame, alpha: float = 0.05, seeds: pd.Series | None = None,
+                     notes: list[str] | None = None) -> Comparison:
+    """Friedman + Nemenyi comparison of the columns of a complete blocks x penalties table.
 
     Parameters
     ----------
-    selected : DataFrame
-        Output of :func:`select_best`.
+    table : DataFrame
+        One row per block, one column per penalty, no missing values; larger is better.
     alpha : float
         Significance level.
-    penalties : list of str, optional
-        Column order (default: as found).
+    seeds : Series, optional
+        Seeds behind each block's value (kept in the result).
+    notes : list of str, optional
+        Remarks to start the result's notes with.
     """
-    notes: list[str] = []
-    acc = accuracy_table(selected, "test_acc")
-    wts = accuracy_table(selected, "weight")
-    if penalties is not None and not acc.empty:
-        cols = [p for p in penalties if p in acc.columns]
-        missing = [p for p in penalties if p not in acc.columns]
-        if missing:
-            notes.append(f"no finished run for penalties {missing}")
-        acc, wts = acc[cols], wts[cols]
-    if not acc.empty:
-        incomplete = acc.index[acc.isna().any(axis=1)].tolist()
-        if incomplete:
-            notes.append(f"blocks without a result for every penalty were left out: {incomplete}")
-        acc = acc.dropna(axis=0, how="any")
-        wts = wts.loc[acc.index]
-    empty_ranks = pd.Series(dtype=float)
-    if acc.empty:
-        notes.append("no complete block (network, seed) with a result for every penalty")
-        return Comparison(acc, wts, acc.copy(), empty_ranks, alpha=alpha, notes=notes)
-    values = acc.to_numpy(dtype=float)
+    notes = list(notes or [])
+    seeds = pd.Series(dtype=int) if seeds is None else seeds
+    if table.empty:
+        notes.append("no complete block (dataset, network) with a result for every penalty")
+        return Comparison(table, seeds, table.copy(), pd.Series(dtype=float), alpha=alpha, notes=notes)
+    values = table.to_numpy(dtype=float)
     ranks_arr = np.vstack([scipy.stats.rankdata(-row, method="average") for row in values])
-    ranks = pd.DataFrame(ranks_arr, index=acc.index, columns=acc.columns)
+    ranks = pd.DataFrame(ranks_arr, index=table.index, columns=table.columns)
     avg = ranks.mean(axis=0).sort_values(kind="stable")
-    comp = Comparison(acc, wts, ranks, avg, alpha=alpha, notes=notes)
-    k, n = acc.shape[1], acc.shape[0]
+    comp = Comparison(table, seeds, ranks, avg, alpha=alpha, notes=notes)
+    k, n = table.shape[1], table.shape[0]
     if k < 3:
         notes.append(f"the Friedman test needs at least 3 penalties, got {k}")
         return comp
     if n < 3:
-        notes.append(f"the Friedman test needs at least 3 complete blocks (network, seed), got {n}")
+        notes.append(f"the Friedman test needs at least 3 complete blocks (dataset, network), got {n}")
         return comp
     if np.all(values == values[:, :1]):
         notes.append("every penalty has the same accuracy in every block: nothing to compare")
@@ -204,7 +286,7 @@ def compare(selected: pd.DataFrame, alpha: float = 0.05, penalties: list[str] | 
     import scikit_posthocs
 
     nem = scikit_posthocs.posthoc_nemenyi_friedman(values)
-    nem.index = nem.columns = list(acc.columns)
+    nem.index = nem.columns = list(table.columns)
     comp.nemenyi = nem.astype(float)
     comp.cd = critical_difference(k, n, alpha)
     if not comp.significant:
@@ -212,14 +294,160 @@ def compare(selected: pd.DataFrame, alpha: float = 0.05, penalties: list[str] | 
             f"the Friedman test does not reject equal performance at alpha={alpha} (p={p:.3g}); "
             "the post-hoc p-values are shown for completeness only"
         )
+    if n < 10:
+        notes.append(
+            f"with N={n} blocks the test has little power and its chi-square approximation is rough "
+            "(Demsar suggests N > 10): read the ranks as descriptive"
+        )
     return comp
 
 
+def compare(selected: pd.DataFrame, alpha: float = 0.05, penalties: list[str] | None = None) -> Comparison:
+    """Friedman + Nemenyi comparison over the (dataset, network) blocks of seed-mean test accuracy.
+
+    Parameters
+    ----------
+    selected : DataFrame
+        Output of :func:`select_best`.
+    alpha : float
+        Significance level.
+    penalties : list of str, optional
+        Column order (default: every penalty found, sorted). A penalty without any
+        finished run is left out (and said so in the notes).
+    """
+    notes: list[str] = []
+    found = set(selected["penalty"]) if not selected.empty else set()
+    cols = sorted(found) if penalties is None else [p for p in penalties if p in found]
+    if penalties is not None and found:
+        missing = [p for p in penalties if p not in found]
+        if missing:
+            notes.append(f"no finished run for penalties {missing}")
+    table, seeds, block_notes = block_means(selected, cols)
+    return friedman_nemenyi(table, alpha=alpha, seeds=seeds, notes=notes + block_notes)
+
+
 def describe(selected: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation of the chosen test accuracy per network and penalty (over seeds)."""
+    """Mean and standard deviation of the chosen test accuracy per block and penalty (over seeds).
+
+    Columns ``block, dataset, network, penalty, mean, std, count``.
+    """
     if selected.empty:
         return pd.DataFrame()
-    g = selected.groupby(["network", "penalty"])["test_acc"]
-    out = g.agg(["mean", "std", "count"]).reset_index()
-    return out
+    sel = selected.assign(block=_block_labels(selected))
+    g = sel.groupby(["block", "dataset", "network", "penalty"], sort=False)["test_acc"]
+    return g.agg(["mean", "std", "count"]).reset_index()
 
+
+# -- effect sizes -------------------------------------------------------------------------------
+
+
+def _bootstrap_means(groups: list[np.ndarray], n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Replicates of the mean over groups of each group's mean, resampling within each group.
+
+    Returns shape (n_resamples,).
+    """
+    total = np.zeros(n_resamples)
+    for g in groups:
+        idx = rng.integers(0, len(g), size=(n_resamples, len(g)))
+        total += g[idx].mean(axis=1)
+    return total / len(groups)
+
+
+def differences_to_baseline(
+    selected: pd.DataFrame,
+    baseline: str = "none",
+    penalties: list[str] | None = None,
+    confidence: float = 0.95,
+    n_resamples: int = 10_000,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Test-accuracy difference of each penalty to ``baseline``, paired by seed, with bootstrap intervals.
+
+    For penalty ``p`` and block ``b`` (dataset, network) the differences
+    ``d_s = acc(p, s) - acc(baseline, s)`` over the seeds ``s`` that have both are
+    averaged; the pooled value is the mean of the block means (every block weighs
+    the same, as in the rank comparison). The interval is the percentile bootstrap
+    of that statistic, resampling seeds with replacement within each block
+    (``n_resamples`` replicates from ``numpy.random.default_rng(seed)``, fresh for
+    every penalty and block, so the result does not depend on their order). With a
+    handful of seeds the interval is approximate and tends to be narrow: it cannot
+    show more seed variation than the seeds at hand.
+
+    Parameters
+    ----------
+    selected : DataFrame
+        Output of :func:`select_best`.
+    baseline : str
+        The reference penalty.
+    penalties : list of str, optional
+        Penalties to compare (default: all found but the baseline); the baseline is skipped.
+    confidence : float
+        Coverage of the interval, in (0, 1).
+    n_resamples : int
+        Bootstrap replicates.
+    seed : int
+        Seed of the bootstrap's generator.
+
+    Returns
+    -------
+    pooled : DataFrame
+        Index penalty; columns ``mean, low, high, blocks, pairs`` (``low``/``high`` NaN
+        when no block has two paired seeds).
+    per_block : DataFrame
+        One row per (block, penalty) with a paired seed: columns ``block, penalty, mean,
+        low, high, pairs`` (``low``/``high`` NaN with a single pair).
+
+    Raises
+    ------
+    ValueError
+        ``confidence`` outside (0, 1) or ``n_resamples < 1``.
+
+    Examples
+    --------
+    >>> sel = select_best([dict(network="a", seed=s, penalty=p, weight=0.1, status="done",
+    ...                         val_acc=0.5, val_loss=1.0, test_acc=base + (0.02 if p == "t1" else 0.0))
+    ...                    for s, base in enumerate([0.7, 0.8, 0.9]) for p in ("none", "t1")])
+    >>> pooled, _ = differences_to_baseline(sel)
+    >>> [round(float(pooled.loc["t1", c]), 6) for c in ("mean", "low", "high")]  # paired: seed noise cancels
+    [0.02, 0.02, 0.02]
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive number of bootstrap replicates, got {n_resamples}")
+    pooled_cols = ["mean", "low", "high", "blocks", "pairs"]
+    block_cols = ["block", "penalty", "mean", "low", "high", "pairs"]
+    if selected.empty or baseline not in set(selected["penalty"]):
+        return pd.DataFrame(columns=pooled_cols), pd.DataFrame(columns=block_cols)
+    sel = selected.assign(block=_block_labels(selected))
+    found = list(dict.fromkeys(sel["penalty"]))
+    pens = [p for p in (penalties if penalties is not None else sorted(found)) if p != baseline and p in found]
+    blocks = list(dict.fromkeys(sel.sort_values(["dataset", "network"])["block"]))
+    acc = {b: sel[sel["block"] == b].pivot(index="seed", columns="penalty", values="test_acc") for b in blocks}
+    q = (1.0 - confidence) / 2.0
+    pooled_rows, block_rows = {}, []
+    for p in pens:
+        groups = []
+        for b in blocks:
+            t = acc[b]
+            if p not in t.columns or baseline not in t.columns:
+                continue
+            d = (t[p] - t[baseline]).dropna().to_numpy(dtype=float)
+            if d.size == 0:
+                continue
+            groups.append(d)
+            lo = hi = math.nan
+            if d.size > 1:
+                reps = _bootstrap_means([d], n_resamples, np.random.default_rng(seed))
+                lo, hi = (float(v) for v in np.quantile(reps, [q, 1.0 - q]))
+            block_rows.append([b, p, float(d.mean()), lo, hi, int(d.size)])
+        if not groups:
+            continue
+        mean = float(np.mean([g.mean() for g in groups]))
+        lo = hi = math.nan
+        if any(g.size > 1 for g in groups):
+            reps = _bootstrap_means(groups, n_resamples, np.random.default_rng(seed))
+            lo, hi = (float(v) for v in np.quantile(reps, [q, 1.0 - q]))
+        pooled_rows[p] = [mean, lo, hi, len(groups), int(sum(g.size for g in groups))]
+    pooled = pd.DataFrame.from_dict(pooled_rows, orient="index", columns=pooled_cols)
+    return pooled, pd.DataFrame(block_rows, columns=block_cols)
