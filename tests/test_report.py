@@ -4,7 +4,9 @@ the combined report of several sweeps, layer boundaries of the heat maps."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +216,36 @@ def test_heat_map_layers_are_rebuilt_and_checked():
 
 def test_markdown_table_formats_missing_values():
     assert markdown_table(["a"], [[None], [float("nan")], [0.5]]).splitlines()[2:] == ["| – |", "| – |", "| 0.5000 |"]
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+COMMITTED = sorted(p.parent for p in RESULTS.glob(f"*/{DB_NAME}")) if RESULTS.is_dir() else []
+
+
+@pytest.mark.slow  # a full report per committed sweep
+@pytest.mark.parametrize("folder", COMMITTED, ids=[p.name for p in COMMITTED])
+def test_committed_reports_rebuild_from_their_databases(folder, tmp_path):
+    committed = folder / "report.md"
+    if not committed.exists():
+        pytest.skip(f"{folder.name} has a database but no committed report.md")
+    copy = tmp_path / folder.name
+    copy.mkdir()
+    shutil.copy(folder / DB_NAME, copy / DB_NAME)
+    rebuilt = write_report(copy)[0].read_text(encoding="utf-8")
+    assert rebuilt.splitlines() == committed.read_text(encoding="utf-8").splitlines()
+
+
+COMBINED = [p.parent for p in RESULTS.glob("*/report.md") if p.parent.name == "combined"] if RESULTS.is_dir() else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", COMBINED, ids=[p.name for p in COMBINED])
+def test_committed_combined_report_rebuilds(folder, tmp_path):
+    text = (folder / "report.md").read_text(encoding="utf-8")
+    names = re.findall(r"\[report\]\(\.\./([^/)]+)/report\.md\)", text)
+    assert names, "the combined report links no sweep"
+    for name in names:
+        (tmp_path / name).mkdir()
+        shutil.copy(RESULTS / name / DB_NAME, tmp_path / name / DB_NAME)
+    rebuilt = write_combined_report([tmp_path / n for n in names], tmp_path / folder.name)[0].read_text(encoding="utf-8")
+    assert rebuilt.splitlines() == text.splitlines()
