@@ -223,3 +223,91 @@ def test_gpt2_blocks_are_read_per_token(monkeypatch):
         c, _ = _ref_corr(a.double().numpy())
         np.testing.assert_allclose(layer.deaths.numpy(), _ref_mst_deaths(c), atol=1e-9)
     assert report.pooled.neurons == 256
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def harness_checkpoint(tmp_path_factory):
+    from topodecorr.experiments.config import TrainConfig
+    from topodecorr.experiments.train import RunSpec, train_run
+
+    path = tmp_path_factory.mktemp("ckpt") / "run.pt"
+    spec = RunSpec(dataset="digits", network="mlp", model="mlp", penalty="t1", weight=1e-3, seed=0,
+                   train=TrainConfig(max_epochs=2, batch_size=128))
+    result = train_run(spec, path)
+    assert result["status"] == "done" and path.is_file()
+    return path
+
+
+@pytest.mark.slow
+def test_cli_inspects_a_harness_checkpoint(harness_checkpoint, tmp_path, capsys):
+    from topodecorr.experiments.cli import main
+    from topodecorr.experiments.data import load_dataset
+    from topodecorr.experiments.inspect_cli import load_model
+    from topodecorr.experiments.models import build_model
+
+    out = tmp_path / "insp"
+    assert main(["inspect", str(harness_checkpoint), "--out", str(out), "--samples", "200", "--batch-size", "64",
+                 "--quiet"]) == 0
+    text = (out / "inspect.md").read_text()
+    assert "200 samples from 4 batch(es)" in text
+    assert (out / "deaths.png").is_file() and (out / "pairs.png").is_file()
+    assert "report:" in capsys.readouterr().out
+    # the same numbers as the API on the checkpoint's best weights and the validation split
+    spec, state = load_model(harness_checkpoint)
+    data = load_dataset("digits")
+    model = build_model(spec.model, data.input_shape, data.num_classes, **dict(spec.model_params))
+    model.load_state_dict(state)
+    x = data.val[0][:200]
+    report = td.inspect(model, [x[i : i + 64] for i in range(0, 200, 64)])
+    s = report.pooled.summary()
+    assert f"| pooled | {s['neurons']} | {s['dead']} | {s['min_death']:.4f} |" in text
+
+
+@pytest.mark.slow
+def test_cli_loads_pickled_modules_only_when_asked(tmp_path, capsys):
+    from topodecorr.experiments.cli import main
+
+    module = tmp_path / "module.pt"
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)), module)
+    assert main(["inspect", str(module), "--dataset", "digits", "--quiet", "--out", str(tmp_path / "a")]) == 2
+    assert "--unsafe-load" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="runs code"):
+        assert main(["inspect", str(module), "--dataset", "digits", "--unsafe-load", "--quiet",
+                     "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "inspect.md").is_file()
+    # without --dataset a module names no data
+    with pytest.warns(UserWarning, match="runs code"):
+        assert main(["inspect", str(module), "--unsafe-load", "--quiet"]) == 2
+    assert "--dataset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (lambda p: torch.save(nn.Linear(2, 2).state_dict(), p), "state_dict"),
+        (lambda p: torch.save([1, 2], p), "not a model"),
+        (lambda p: p.write_bytes(b"not a checkpoint"), "not a file torch.load can read"),
+        (None, "does not exist"),
+    ],
+)
+def test_cli_refuses_files_that_are_not_models(tmp_path, capsys, content, message):
+    from topodecorr.experiments.cli import main
+
+    path = tmp_path / "thing.pt"
+    if content is not None:
+        content(path)
+    assert main(["inspect", str(path), "--dataset", "digits", "--quiet", "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_cli_layer_pattern_matching_nothing_is_a_clear_error(harness_checkpoint, tmp_path, capsys):
+    from topodecorr.experiments.cli import main
+
+    assert main(["inspect", str(harness_checkpoint), "--layers", "encoder.*", "--quiet",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "matches no module" in capsys.readouterr().err

@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the shipped presets", formatter_class=_Formatter,
                    description="List the shipped presets with their descriptions.")
+    from .inspect_cli import add_parser as _add_inspect  # torch is imported only when it runs
+
+    _add_inspect(sub, _Formatter)
     return parser
 
 
@@ -328,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_report(args)
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "inspect":
+            from .inspect_cli import run as _inspect
+
+            return _inspect(args)
         if args.command == "reproduce":
             config = _load_config(args.preset, True, args.sets, args.data_dir)
             out = Path(args.out) if args.out else Path("runs") / args.preset
