@@ -311,3 +311,15 @@ def test_cli_layer_pattern_matching_nothing_is_a_clear_error(harness_checkpoint,
     assert main(["inspect", str(harness_checkpoint), "--layers", "encoder.*", "--quiet",
                  "--out", str(tmp_path / "o")]) == 2
     assert "matches no module" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_readme_inspect_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
+    from readme_blocks import run_block
+
+    monkeypatch.chdir(tmp_path)
+    ns = run_block("Which neurons are redundant?")
+    report = ns["report"]
+    assert report.samples == 2048 and report.pooled.neurons == 69
+    assert str(report.pooled.pairs[0]) in capsys.readouterr().out
+    assert (tmp_path / "inspect" / "inspect.md").is_file() and (tmp_path / "inspect" / "pairs.png").is_file()

@@ -413,3 +413,30 @@ def test_hf_loss_path_of_the_trainer_gets_the_penalty(monkeypatch, accumulate, i
     eval_logs = {"eval_loss": 1.0}
     cb.on_log(args, history, None, logs=eval_logs)
     assert eval_logs == {"eval_loss": 1.0}
+
+
+@pytest.mark.slow
+@needs_lightning
+def test_readme_lightning_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
+    from readme_blocks import run_block
+
+    monkeypatch.chdir(tmp_path)
+    ns = run_block("PyTorch Lightning")
+    metrics = ns["trainer"].logged_metrics
+    assert float(metrics["decorrelation/neurons"]) == 69.0  # 64 ReLUs + 5 logits
+    assert float(metrics["decorrelation/penalty"]) > 0
+    assert ns["trainer"].global_step == 4  # 8 batches, accumulated in pairs
+    assert "decorrelation/penalty" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@needs_transformers
+@needs_accelerate
+def test_readme_hf_snippet_runs_as_written(tmp_path, monkeypatch):
+    from readme_blocks import run_block
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    ns = run_block("Hugging Face Trainer")
+    logs = [h for h in ns["trainer"].state.log_history if "loss" in h]
+    assert logs and all(h["decorrelation/neurons"] == 256.0 for h in logs)

@@ -110,3 +110,20 @@ def test_bad_sinks_are_refused():
         td.Decorrelation(_model(), log=42)
     reg = td.Decorrelation(_model())
     assert step_statistics(reg) is None  # no step yet
+
+
+@pytest.mark.slow
+def test_readme_logging_snippet_runs_as_written(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from readme_blocks import run_block
+
+    monkeypatch.chdir(tmp_path)
+    ns = run_block("Logging the statistics")
+    acc = EventAccumulator(str(tmp_path / "runs" / "decorrelation"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("decorrelation/neurons")] == [0, 10, 20, 30, 40]
+    assert {e.value for e in acc.Scalars("decorrelation/neurons")} == {69.0}
+    assert "decorrelation/deaths" in acc.Tags()["histograms"]
+    assert ns["reg"].last_stats.step == 49
