@@ -8,7 +8,7 @@ Conventions every benchmark follows:
 * Alternatives that are compared are timed **interleaved, in one run**
   (round-robin over the candidates, see :func:`time_interleaved`), so that
   load from other processes hits all of them alike; quote ratios from one run.
-* Results go to ``benchmarks/results/<name>.json`` (everything: machine info,
+* Results go to ``benchmarks/out/<name>.json`` (everything: machine info,
   settings, raw times), ``<name>.csv`` (one row per measurement) and
   ``<name>.md`` (a readable table), written by :func:`write_results`.
 
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "out"  # raw dumps, not committed (.gitignore)
 
 __all__ = [
     "RESULTS_DIR",

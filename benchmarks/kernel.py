@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import os
 import shutil
 import subprocess
@@ -52,7 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import Timer, machine_info, markdown_table, time_interleaved, write_results  # noqa: E402
 
 import topodecorr as td  # noqa: E402
-from topodecorr._kernels import mst_edges  # noqa: E402
+from topodecorr._kernels import matrix_stats, mst_edges  # noqa: E402
+from topodecorr.persistence import check_dissimilarity  # noqa: E402
 from topodecorr.correlation import correlation_product  # noqa: E402
 
 B = 256
@@ -112,6 +114,41 @@ def _compacted_prim():
         return out
 
     return prim
+
+
+@functools.lru_cache(maxsize=None)
+def _previous_matrix_stats():
+    """The previous validation pass (before issue 9.5b), kept for the side-by-side timing.
+
+    NumPy min and max, then 64 x 64 tiles whose mirror tile is transposed into a
+    small buffer element by element before the comparison.
+    """
+    from numba import njit
+
+    @njit(nogil=True, boundscheck=False, fastmath={"nnan", "ninf", "nsz"})
+    def asym64(A, tile):  # pragma: no cover - compiled
+        n = A.shape[0]
+        buf = np.empty((tile, tile), dtype=A.dtype)
+        asym = A[0, 0] - A[0, 0]
+        for i0 in range(0, n, tile):
+            i1 = min(i0 + tile, n)
+            for j0 in range(i0, n, tile):
+                j1 = min(j0 + tile, n)
+                for j in range(j0, j1):
+                    for i in range(i0, i1):
+                        buf[i - i0, j - j0] = A[j, i]
+                for i in range(i0, i1):
+                    row = A[i, j0:j1]
+                    b = buf[i - i0, : j1 - j0]
+                    for k in range(j1 - j0):
+                        asym = max(asym, abs(row[k] - b[k]))
+        return asym
+
+    def stats(A):
+        lo, hi = float(A.min()), float(A.max())
+        return np.isfinite(lo) and np.isfinite(hi), lo, hi, float(asym64(A, 64))
+
+    return stats
 
 
 _CPP_SOURCE = r"""
@@ -258,6 +295,9 @@ def bench_kernels(n: int, args, timer: Timer, extra_kernels: dict) -> list[dict]
     for name, fn in extra_kernels.items():
         checks[name] = fn(Dn)
     _check_exact(D, checks)
+    prev_stats = _previous_matrix_stats()
+    if prev_stats(Dn) != matrix_stats(D):
+        raise AssertionError("the previous and the current validation pass disagree")
 
     fast = {
         "floor: D.sum() (torch)": lambda: D.sum(),
@@ -266,6 +306,8 @@ def bench_kernels(n: int, args, timer: Timer, extra_kernels: dict) -> list[dict]
         "mst_deaths forward numba": _forward_mst(D, "numba"),
         "mst_deaths fwd+bwd numba": _fwd_bwd_mst(D, "numba", validate=False),
         "mst_deaths fwd+bwd numba, validate": _fwd_bwd_mst(D, "numba", validate=True),
+        "validation: check_dissimilarity": lambda: check_dissimilarity(D),
+        "validation: previous pass (64-tiles, element-wise transpose)": lambda: prev_stats(Dn),
     }
     for name, fn in extra_kernels.items():
         fast[f"variant: {name}"] = lambda fn=fn: fn(Dn)
@@ -379,6 +421,8 @@ def summarise(rows: list[dict], sizes: list[int], threads: list[int]) -> tuple[l
         fused = _get(rows, "fused correlation_deaths -> T1, fwd+bwd", n, th)
         naive = _get(rows, "naive dense mst_deaths(dissimilarity(correlation)) -> T1, fwd+bwd", n, th)
         compact = _get(rows, "variant: numba Prim, compacted gather (previous)", n)
+        val = _get(rows, "validation: check_dissimilarity", n)
+        val_prev = _get(rows, "validation: previous pass (64-tiles, element-wise transpose)", n)
 
         def ratio(a, b):
             return None if a is None or b is None else a / b
@@ -391,6 +435,8 @@ def summarise(rows: list[dict], sizes: list[int], threads: list[int]) -> tuple[l
                 "mst / floor (1-thread pass)": ratio(mst, floor1),
                 "mst fwd+bwd / floor": ratio(fb, floor),
                 "previous kernel / mst": ratio(compact, mst),
+                "validation / mst": ratio(val, mst),
+                "previous validation / mst": ratio(val_prev, mst),
                 "giotto-ph (1 thr) / mst_deaths fwd": ratio(gph, fwd),
                 "giotto-ph (1 thr) / mst fwd+bwd": ratio(gph, fb),
                 "giotto-ph (all thr) / mst fwd+bwd": ratio(gphall, fb),
@@ -422,7 +468,7 @@ def summarise(rows: list[dict], sizes: list[int], threads: list[int]) -> tuple[l
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="default 256 ... 4096 (--quick: 256, 1024)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--slow-repeats", type=int, default=3, help="repeats of the second-long references at n > 1024")
     p.add_argument("--max-slow-n", type=int, default=4096, help="largest n for gudhi, ripser.py and SciPy")
@@ -437,8 +483,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--name", default="kernel", help="results file stem under benchmarks/results/")
     args = p.parse_args(argv)
+    if args.sizes is None:
+        args.sizes = [256, 1024] if args.quick else [256, 512, 1024, 2048, 4096]
     if args.quick:
-        args.sizes = [256, 1024]
         args.repeats = 3
     timer = Timer(repeats=args.repeats, warmup=1)
 

@@ -338,7 +338,7 @@ def test_boruvka_makes_no_data_dependent_host_reads():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n", [1, 2, 7, 64, 65, 200])
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 65, 200, 257, 520])
 def test_matrix_stats_compiled_and_torch_agree_with_numpy(monkeypatch, dtype, n):
     rng = np.random.default_rng(n)
     A = rng.standard_normal((n, n)).astype(dtype)
@@ -361,3 +361,21 @@ def test_matrix_stats_reports_non_finite(monkeypatch, bad):
     assert K.matrix_stats(torch.from_numpy(A))[0] is False
     monkeypatch.setattr(K, "_numba_available", lambda: False)
     assert K.matrix_stats(torch.from_numpy(A))[0] is False
+
+
+@pytest.mark.parametrize("n", [255, 256, 257, 600])
+def test_asymmetry_pass_sees_every_entry(n):
+    """One asymmetric pair at a time, on and off the tile boundaries (tiles of 256): always found exactly."""
+    from topodecorr._kernels import numba_prim
+
+    rng = np.random.default_rng(n)
+    A = rng.random((n, n))
+    A = A + A.T
+    spots = [(0, n - 1), (n - 1, 0), (255 % n, 256 % n), (n - 1, n - 2), (n // 2, n // 3), (1, 0)]
+    for i, j in spots:
+        if i == j:
+            continue
+        B = A.copy()
+        B[i, j] += 1e-3 * (1 + i)
+        assert numba_prim._max_asymmetry(B, numba_prim._ASYM_TILE) == np.abs(B - B.T).max() > 0
+    assert numba_prim._max_asymmetry(A, numba_prim._ASYM_TILE) == 0.0
