@@ -21,7 +21,9 @@ read back with one host synchronisation.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -29,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["KERNELS", "Kernel", "available_backends", "resolve_backend", "mst_edges", "matrix_stats"]
+__all__ = ["KERNELS", "Kernel", "available_backends", "resolve_backend", "mst_edges", "mst_edges_many", "matrix_stats"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class Kernel:
     description: str
     is_available: Callable[[], bool]
     run: Callable[[torch.Tensor, bool], torch.Tensor]
+    #: many trees in one call: list of (n_l, n_l) on one device -> list of (n_l - 1, 2)
+    run_many: Callable[[list[torch.Tensor], bool], list[torch.Tensor]]
 
 
 def _numba_available() -> bool:
@@ -60,6 +64,26 @@ def _run_numba(M: torch.Tensor, abs_corr: bool) -> torch.Tensor:
     return torch.from_numpy(e)
 
 
+# numba's default thread pool ("workqueue") must not be entered from two Python threads at once
+_parallel_lock = threading.Lock()
+
+
+def _run_numba_many(mats: list[torch.Tensor], abs_corr: bool) -> list[torch.Tensor]:
+    import numba
+
+    from . import numba_prim
+
+    arrays = [_host_array(M) for M in mats]
+    if len({a.dtype for a in arrays}) > 1:  # one buffer per dtype (mixed float32 / float64 input)
+        arrays = [a.astype(np.float64) for a in arrays]
+    with _parallel_lock:
+        # as many threads as torch uses (torch.set_num_threads is the one knob), at most numba's pool
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        with numba.parallel_chunksize(1):  # hand out one tree at a time, largest first
+            edges = numba_prim.prim_many(arrays, abs_corr)
+    return [torch.from_numpy(e) for e in edges]
+
+
 def _run_numpy(M: torch.Tensor, abs_corr: bool) -> torch.Tensor:
     from .reference import prim_edges_numpy
 
@@ -78,10 +102,42 @@ def _run_boruvka(M: torch.Tensor, abs_corr: bool) -> torch.Tensor:
     return boruvka_edges(W)
 
 
+def _run_boruvka_many(mats: list[torch.Tensor], abs_corr: bool) -> list[torch.Tensor]:
+    from .boruvka import boruvka_edges_batched
+
+    sizes = [M.shape[0] for M in mats]
+    m = max(sizes)
+    dtype = functools.reduce(torch.promote_types, [M.dtype for M in mats])
+    if all(s == m for s in sizes):
+        W = torch.stack([M.detach().to(dtype) for M in mats])
+    else:  # padded to the largest tree; the batched kernel never reads the padding
+        W = torch.zeros((len(mats), m, m), dtype=dtype, device=mats[0].device)
+        for l, M in enumerate(mats):
+            W[l, : M.shape[0], : M.shape[0]] = M.detach()
+    if abs_corr:
+        W = 1.0 - W.abs()
+    out = boruvka_edges_batched(W, sizes)
+    return [out[l, : s - 1] for l, s in enumerate(sizes)]
+
+
+def _one_by_one(run: Callable[[torch.Tensor, bool], torch.Tensor]):
+    def run_many(mats: list[torch.Tensor], abs_corr: bool) -> list[torch.Tensor]:
+        return [run(M, abs_corr) for M in mats]
+
+    return run_many
+
+
 KERNELS: dict[str, Kernel] = {
-    "numba": Kernel("numba", ("cpu",), "compiled dense Prim's, O(n^2)", _numba_available, _run_numba),
-    "numpy": Kernel("numpy", ("cpu",), "NumPy Prim's (reference and fallback)", lambda: True, _run_numpy),
-    "boruvka": Kernel("boruvka", ("*",), "vectorised torch Boruvka, device-resident", lambda: True, _run_boruvka),
+    "numba": Kernel(
+        "numba", ("cpu",), "compiled dense Prim's, O(n^2)", _numba_available, _run_numba, _run_numba_many
+    ),
+    "numpy": Kernel(
+        "numpy", ("cpu",), "NumPy Prim's (reference and fallback)", lambda: True, _run_numpy, _one_by_one(_run_numpy)
+    ),
+    "boruvka": Kernel(
+        "boruvka", ("*",), "vectorised torch Boruvka, one batch for many trees", lambda: True, _run_boruvka,
+        _run_boruvka_many,
+    ),
 }
 
 _warned_fallback = False
@@ -126,6 +182,26 @@ def mst_edges(M: torch.Tensor, abs_corr: bool = False, backend: str = "auto") ->
     """Indices of a minimum spanning tree's edges, LongTensor (n - 1, 2) on ``M.device``."""
     kernel = resolve_backend(backend, M.device)
     return kernel.run(M, abs_corr).to(M.device)
+
+
+def mst_edges_many(mats: list[torch.Tensor], abs_corr: bool = False, backend: str = "auto") -> list[torch.Tensor]:
+    """:func:`mst_edges` of every matrix in one kernel call (matrices on one device, any sizes).
+
+    Matrices with fewer than two rows get an empty (0, 2) tree; the others the
+    same edges :func:`mst_edges` gives for each (up to order for Boruvka).
+    """
+    if not mats:
+        return []
+    device = mats[0].device
+    if any(M.device != device for M in mats):
+        raise ValueError(f"all matrices must be on one device, got {sorted({str(M.device) for M in mats})}")
+    kernel = resolve_backend(backend, device)
+    out: list[torch.Tensor] = [torch.empty((0, 2), dtype=torch.long, device=device) for _ in mats]
+    todo = [l for l, M in enumerate(mats) if M.shape[0] > 1]
+    if todo:
+        for l, e in zip(todo, kernel.run_many([mats[l] for l in todo], abs_corr)):
+            out[l] = e.to(device)
+    return out
 
 
 def matrix_stats(M: torch.Tensor) -> tuple[bool, float, float, float]:
