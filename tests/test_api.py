@@ -65,6 +65,7 @@ def test_deaths_is_a_named_tuple():
 _OPTIONAL = ["numba", "scipy", "gudhi", "gph", "ripser", "sklearn", "matplotlib", "hypothesis", "mnist1d", "ray"]
 
 
+@pytest.mark.slow
 def test_core_import_is_light_and_never_imports_experiments():
     code = textwrap.dedent(
         f"""
@@ -83,6 +84,7 @@ def test_core_import_is_light_and_never_imports_experiments():
     assert out.stdout.strip() == "[]", f"`import topodecorr` imported {out.stdout.strip()}"
 
 
+@pytest.mark.slow
 def test_core_runs_with_optional_packages_blocked():
     """The core needs only torch and numpy: block every optional package and run the pipeline."""
     code = textwrap.dedent(

@@ -258,6 +258,7 @@ def test_no_capture_under_no_grad_or_eval_and_hooks_removed():
         assert torch.isfinite(reg2.penalty())
 
 
+@pytest.mark.slow
 def test_captured_tensors_released_and_memory_flat():
     torch.manual_seed(6)
     m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))

@@ -41,6 +41,7 @@ def finished(tmp_path_factory):
     return config, out
 
 
+@pytest.mark.slow
 def test_end_to_end_sweep_writes_the_report(finished, capsys):
     _, out = finished
     report = (out / "report.md").read_text()
@@ -81,6 +82,74 @@ def test_help_lists_every_option_with_its_default(capsys):
     assert "(default: 0.01)" in text and "(default: 3520)" in text and "(default: 1200)" in text
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["sweep", "--help"]])
+def test_help_imports_no_torch(argv):
+    """`topodecorr --help` answers without importing torch (seconds on a loaded machine)."""
+    code = (
+        "import sys\n"
+        "from topodecorr.experiments.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == "[]"
+    assert "usage: topodecorr" in res.stdout
+
+
+def test_help_lists_choices_and_each_default_once(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "dataset: digits | mnist1d | fashion-mnist | mnist | cifar10 (default: digits)" in text
+    assert "network: mlp | mlp-dropout | mlp-deep | vgg | cnn1d" in text
+    assert "t2 | t2_live (default: none)" in text
+    assert text.count("(default: the dataset's usual places)") == 1 and "(default: None)" not in text
+    assert "(default: [])" not in text and "(default: False)" not in text
+    for cmd in ("sweep", "reproduce"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([cmd, "--help"] if cmd == "reproduce" else [cmd, "x", "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and text.count("(default: the dataset's usual places)") == 1
+
+
+def test_train_errors_speak_of_train_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--network", "resnet"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --network: invalid choice: 'resnet'" in err and "networks" not in err
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "imagenet"])
+    assert "argument --dataset: invalid choice: 'imagenet'" in capsys.readouterr().err
+    for argv, message in [
+        (["--param", "width=3"], "--param: unknown parameter(s) ['width'] for model 'mlp'; accepted: ["),
+        (["--param", "depth"], "--param expects KEY=VALUE (e.g. depth=2), got 'depth'"),
+        (["--max-epochs", "0"], "--max-epochs: must be >= 1, got 0"),
+        (["--penalty", "t1"], "--weight: penalty 't1' needs a weight > 0"),
+    ]:
+        assert main(["train", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("topodecorr: error: " + message), err
+
+
+def test_a_typo_in_set_is_blamed_on_set(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    out = tmp_path / "out"
+    code = main(["sweep", str(config), "--out", str(out), "--quiet", "--set", "train.max_epoch=3"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("topodecorr: error: --set train.max_epoch=3: train: unknown key(s) ['max_epoch']"), err
+    assert str(config) not in err and not out.exists()
+
+
+@pytest.mark.slow
 def test_presets_command_and_python_dash_m():
     res = subprocess.run([sys.executable, "-m", "topodecorr", "presets"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -96,6 +165,15 @@ def test_train_single_run(tmp_path, capsys):
     assert '"test_acc"' in out.read_text()
 
 
+def test_train_without_a_terminal_prints_a_line_per_epoch(capsys):
+    assert main(["train", "--network", "mlp", "--param", "hidden=[16]", "--max-epochs", "3", "--probe-batch", "32"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert [line.split(": epoch ")[1].split()[0] for line in lines] == ["1/3", "2/3", "3/3"], lines
+    assert all(line.startswith("mlp none 0 s0: epoch ") for line in lines)
+    assert '"status": "done"' in captured.out  # the result stays on stdout
+
+
 @pytest.mark.parametrize(
     "toml, message",
     [
@@ -107,6 +185,7 @@ def test_train_single_run(tmp_path, capsys):
         ("dataset = \n", "not valid TOML"),
     ],
 )
+@pytest.mark.slow
 def test_bad_configuration_is_refused_and_results_stay(finished, tmp_path, capsys, toml, message):
     _, out = finished
     before = _digest(out)
@@ -118,6 +197,7 @@ def test_bad_configuration_is_refused_and_results_stay(finished, tmp_path, capsy
     assert _digest(out) == before
 
 
+@pytest.mark.slow
 def test_changed_protocol_into_an_existing_sweep_is_refused(finished, tmp_path, capsys):
     config, out = finished
     before = _digest(out)

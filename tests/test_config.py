@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -113,3 +114,66 @@ def test_presets_ship_and_validate():
     assert cifar.train.sampling == "importance" and cifar.train.fraction == 0.005
     with pytest.raises(ConfigError, match="unknown preset"):
         load_preset("nope")
+
+
+def test_set_overrides_apply_and_a_bad_one_is_blamed_on_set(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('dataset = "digits"\nnetworks = ["mlp"]\n[train]\nmax_epochs = 7\n')
+    cfg = load_sweep(path, ["train.max_epochs=3", "seeds=[4, 5]"], data_dir="elsewhere")
+    assert (cfg.train.max_epochs, cfg.seeds, cfg.data_dir) == (3, (4, 5), "elsewhere")
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path, ["seeds=[1]", "train.max_epoch=3"])
+    msg = str(info.value)
+    assert msg.startswith("--set train.max_epoch=3: train: unknown key(s) ['max_epoch']"), msg
+    assert str(path) not in msg and "seeds" not in msg.split(":")[0]
+    # two assignments that are only wrong together are both named
+    pair = tmp_path / "pair.toml"
+    pair.write_text('dataset = "digits"\n[train]\nnesterov = false\n')
+    with pytest.raises(ConfigError, match=r"^--set train.momentum=0 --set train.nesterov=true: train.nesterov: "):
+        load_sweep(pair, ["train.momentum=0", "train.nesterov=true"])
+    with pytest.raises(ConfigError, match=r"^--set expects KEY=VALUE"):
+        load_sweep(path, ["max_epochs"])
+    with pytest.raises(ConfigError, match=r"^--set dataset.x=1: 'dataset' is not a table"):
+        load_sweep(path, ["dataset.x=1"])
+    # an error the file has on its own is the file's, --set or not
+    path.write_text('dataset = "digits"\n[train]\nmax_epoch = 7\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: train: unknown key"):
+        load_sweep(path, ["seeds=[1]"])
+    # ... unless a --set repairs it
+    path.write_text('dataset = "digits"\n[train]\nmax_epochs = 0\n')
+    assert load_sweep(path, ["train.max_epochs=2"]).train.max_epochs == 2
+
+
+def test_name_errors_name_the_file_or_the_set(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('dataset = "digits"\nnetworks = ["mlp", {label = "big", model = "resnet"}]\n')
+    assert load_sweep(path).networks[1].model == "resnet"  # names are checked only on request
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path, check_names=True)
+    assert str(info.value).startswith(f"{path}: networks[1] (label 'big'): unknown network 'resnet'; choose from [")
+    path.write_text('dataset = "imagenet"\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: dataset: unknown dataset 'imagenet'"):
+        load_sweep(path, check_names=True)
+    with pytest.raises(ConfigError, match=r"^--set dataset=nope: dataset: unknown dataset 'nope'"):
+        load_preset("quick", ["dataset=nope"], check_names=True)
+    path.write_text('dataset = "digits"\nnetworks = [{model = "mlp", params = {width = 3}}]\n')
+    with pytest.raises(ConfigError, match=r"networks\[0\]: unknown parameter\(s\) \['width'\] for model 'mlp'"):
+        load_sweep(path, check_names=True)
+
+
+@pytest.mark.slow
+def test_name_registries_need_no_torch():
+    """The registries behind --help and the name checks import no torch (the core package does)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.util, pathlib\n"
+        "from topodecorr.experiments import config\n"
+        "config.check_network(config.parse_network('mlp-deep'))\n"
+        "config.check_dataset_name('digits')\n"
+        "print('torch' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"

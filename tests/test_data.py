@@ -265,6 +265,7 @@ def test_download_fallback_is_used_and_its_failure_reported(tmp_path, monkeypatc
     not Path(D.DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte.gz").is_file(),
     reason="Debian package dataset-fashion-mnist not installed",
 )
+@pytest.mark.slow
 def test_real_fashion_mnist_from_debian_package():
     d = load_dataset("fashion-mnist", data_dir=D.DEBIAN_FASHION_MNIST, download=False)
     assert d.sizes == {"train": 48000, "val": 12000, "test": 10000}
@@ -420,6 +421,7 @@ def test_digits_splits():
     assert len(set(train_idx) | set(val_idx) | set(test_idx)) == 1797
 
 
+@pytest.mark.slow
 def test_mnist1d_offline_deterministic_and_keeps_global_rng():
     pytest.importorskip("mnist1d")
     np.random.seed(123)

@@ -76,6 +76,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process_on_the_same_global_batches(tmp_path):
     ranks = _launch_two(tmp_path, SPEC)
     single, single_w = _single(tmp_path, SPEC, "single.pt")
@@ -101,6 +102,7 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batches(tmp_path
     assert ranks[0]["saves"] == [0, 1] and ranks[1]["saves"] == []
 
 
+@pytest.mark.slow
 def test_local_penalty_mode_runs_and_differs_from_global(tmp_path):
     ranks = _launch_two(tmp_path, RunSpec.from_dict({**SPEC.to_dict(), "train": {**SPEC.train.to_dict(),
                                                                                   "max_epochs": 1}}), "local")
@@ -112,6 +114,7 @@ def test_local_penalty_mode_runs_and_differs_from_global(tmp_path):
     assert _max_diff(ddp_w, single_w) > 1e-4
 
 
+@pytest.mark.slow
 def test_torchrun_cli_trains_one_configuration(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     if torchrun is None:  # pragma: no cover - torch always installs it next to python

@@ -99,6 +99,7 @@ def ddp_results(tmp_path_factory):
     return [torch.load(tmp / f"res.{r}") for r in range(WORLD)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", [False, True], ids=["penalty", "task+penalty"])
 @pytest.mark.parametrize("penalty", ["t1", "t2", "mean_abs_corr"])
 def test_global_mode_equals_one_process_on_the_global_batch(ddp_results, penalty, task):
@@ -113,6 +114,7 @@ def test_global_mode_equals_one_process_on_the_global_batch(ddp_results, penalty
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", [False, True], ids=["penalty", "task+penalty"])
 @pytest.mark.parametrize("penalty", ["t1", "t2", "mean_abs_corr"])
 def test_local_mode_is_per_rank(ddp_results, penalty, task):

@@ -28,6 +28,7 @@ def _load(name):
     return mod
 
 
+@pytest.mark.slow
 def test_classification_quick(capsys):
     res = _load("classification").main(["--quick"])
     assert set(res) == {"plain", "t1"}
@@ -39,6 +40,7 @@ def test_classification_quick(capsys):
     assert "test accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_regression_quick():
     res = _load("regression").main(["--quick"])
     for r in res.values():
@@ -46,6 +48,7 @@ def test_regression_quick():
     assert res["plain"]["last_stats"].neurons == 64 + 32 + 1
 
 
+@pytest.mark.slow
 def test_autoencoder_quick(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "samples.png"

@@ -129,6 +129,7 @@ def test_fallback_without_numba_warns_once(monkeypatch):
         assert K.resolve_backend("auto", torch.device("cpu")).name == "numpy"  # no second warning
 
 
+@pytest.mark.slow
 def test_core_works_without_numba_in_a_fresh_process():
     code = textwrap.dedent(
         """

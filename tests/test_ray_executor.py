@@ -76,6 +76,7 @@ def _rows(path: Path) -> dict:
         return out
 
 
+@pytest.mark.slow
 def test_ray_sweep_matches_local_and_survives_a_killed_worker(tmp_path, local_ray):
     from topodecorr.experiments.ray_executor import RayExecutor
 
@@ -110,6 +111,7 @@ def test_ray_sweep_matches_local_and_survives_a_killed_worker(tmp_path, local_ra
     assert not list((tmp_path / "ray" / "checkpoints").glob("*.pt"))  # the driver removed finished checkpoints
 
 
+@pytest.mark.slow
 def test_requests_beyond_the_cluster_and_bad_values_are_refused(local_ray):
     from topodecorr.experiments.ray_executor import RayExecutor
 
@@ -142,6 +144,7 @@ def test_missing_ray_is_a_clear_error(monkeypatch):
         ray_executor.RayExecutor()
 
 
+@pytest.mark.slow
 def test_cli_sweep_with_the_ray_executor(tmp_path, local_ray, capsys):
     from topodecorr.experiments.cli import main
 

@@ -83,6 +83,7 @@ print(json.dumps(got))
 """
 
 
+@pytest.mark.slow
 def test_concurrent_claims_never_share_a_run(tmp_path):
     path = tmp_path / "r.sqlite"
     cfg = _config(weights=[float(w) for w in np.logspace(-3, 1, 20)], seeds=list(range(5)))
@@ -96,6 +97,7 @@ def test_concurrent_claims_never_share_a_run(tmp_path):
     assert len(flat) == len(set(flat)) == len(cfg.grid())
 
 
+@pytest.mark.slow
 def test_stale_running_rows_are_reclaimed(tmp_path):
     store = _init(tmp_path / "r.sqlite")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

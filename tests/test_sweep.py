@@ -41,6 +41,7 @@ def _final(path: Path) -> dict:
         return out
 
 
+@pytest.mark.slow
 def test_sweep_fills_the_database_and_skips_finished_runs(tmp_path):
     cfg = parse_sweep(TINY)
     counts = run_sweep(cfg, tmp_path, workers=1, progress=False, log=lambda m: None)
@@ -63,6 +64,7 @@ def test_execute_run_is_a_picklable_entry_point(tmp_path):
     assert res["status"] == "done" and (tmp_path / "mlp__l2__0.001__s0.pt").exists()
 
 
+@pytest.mark.slow
 def test_parallel_workers_agree_with_the_inline_run(tmp_path):
     cfg = parse_sweep(dict(TINY, seeds=[0]))
     run_sweep(cfg, tmp_path / "inline", workers=1, progress=False, log=lambda m: None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -111,6 +112,7 @@ def _strip_times(history):
     return [{k: v for k, v in e.items() if k != "epoch_s"} for e in history]
 
 
+@pytest.mark.slow
 def test_seeded_runs_repeat_and_resume_from_a_checkpoint(data, tmp_path):
     full = train_run(_spec(max_epochs=5), data=data)
     again = train_run(_spec(max_epochs=5), data=data)
@@ -172,9 +174,26 @@ def test_bad_specs_raise_clear_errors():
     assert RunSpec.from_dict(spec.to_dict()) == spec
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_after_patience(data):
     res = train_run(_spec("none", 0.0, max_epochs=60, patience=2, lr=0.5, momentum=0.0, nesterov=False), data=data)
     h = res["history"]
     best = int(np.argmin([e["val_loss"] for e in h]))
     assert res["status"] == "done"
     assert len(h) == best + 1 + 2 or len(h) == 60
+
+
+def test_progress_without_a_terminal_is_one_line_per_epoch(data, capsys):
+    """stderr is not a terminal here (captured): a line per epoch instead of a tqdm bar."""
+    res = train_run(_spec(max_epochs=3), data=data, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3, lines
+    for e, (line, rec) in enumerate(zip(lines, res["history"])):
+        assert re.fullmatch(
+            rf"mlp t1 0\.001 s0: epoch {e + 1}/3 train loss \d+\.\d{{4}} val loss \d+\.\d{{4}} "
+            rf"val acc \d\.\d{{3}} \(\d+\.\d s\)", line), line
+        assert f"val loss {rec['val_loss']:.4f}" in line
+    # sweeps print one line per run instead (their driver does), and quiet runs print nothing
+    train_run(_spec(max_epochs=2), data=data, progress=True, epoch_lines=False)
+    train_run(_spec(max_epochs=2), data=data, progress=False)
+    assert capsys.readouterr().err == ""

@@ -21,62 +21,32 @@ import json
 import signal
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Sequence
 
-from .config import PENALTIES, ConfigError, TrainConfig, list_presets, parse_sweep, preset_path
+from .config import (
+    PENALTIES,
+    ConfigError,
+    TrainConfig,
+    apply_override,
+    check_network,
+    list_presets,
+    load_preset,
+    load_sweep,
+    parse_network,
+)
 
 __all__ = ["main", "build_parser"]
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows each option's default, unless the help already says it or there is none to show."""
 
-
-def _override(data: dict, assignment: str) -> None:
-    """Apply ``KEY=VALUE`` (``train.max_epochs=50``, ``seeds=[0,1]``); VALUE is a TOML value."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set expects KEY=VALUE (e.g. train.max_epochs=50), got {assignment!r}")
-    key, raw = assignment.split("=", 1)
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()  # a bare word is taken as a string
-    node = data
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {part!r} is not a table")
-    node[parts[-1]] = value
-
-
-def _load_config(source: str, is_preset: bool, sets: Sequence[str], data_dir: str | None):
-    if is_preset:
-        entry = preset_path(source)
-        data = tomllib.loads(entry.read_text(encoding="utf-8"))
-        where = f"preset {source!r}"
-    else:
-        path = Path(source)
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read sweep file {path}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a UTF-8 text file") from None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        where = str(path)
-    for assignment in sets:
-        _override(data, assignment)
-    if data_dir is not None:
-        data["data_dir"] = data_dir
-    config = parse_sweep(data, source=where)
-    config.validate_names()
-    return config
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default == [] or action.default is False:
+            return text
+        return super()._get_help_string(action)
 
 
 def _add_sweep_options(p: argparse.ArgumentParser) -> None:
@@ -93,7 +63,8 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
                    help="seconds without heartbeat after which another host's running run is taken over")
     p.add_argument("--max-runs", type=int, default=None, help="stop after starting this many runs (partial sweep)")
     p.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (else bars on a terminal, one line per finished run otherwise)")
     g = p.add_argument_group("scaling out (docs/scaling.md)")
     g.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="where runs execute: local processes, or Ray tasks on this machine or a Ray cluster "
@@ -135,10 +106,19 @@ _TRAIN_HELP = {
     "t2_alpha": "weight of the std term in T2",
     "probe_batch": "validation samples of the death-statistics probe",
     "device": "cpu | cuda | cuda:N | auto",
+    "train_samples": "use a fixed random subset of N training samples (0: all; a budget knob, not the paper's)",
+    "val_samples": "use a fixed random subset of N validation samples (0: all)",
 }
 
 
+_TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; building it imports no torch (the name lists come from plain tuples)."""
+    from .data import DATASETS
+    from .models import MODELS
+
     parser = argparse.ArgumentParser(
         prog="topodecorr",
         description="Reproduce 'Decorrelating neurons using persistence' (Ballester et al., 2024): "
@@ -174,19 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a single run", formatter_class=_Formatter,
                        description="Train one network with one penalty under the paper's protocol; "
                                    "print (and optionally save) its result.")
-    p.add_argument("--dataset", default="digits", help="dataset name")
-    p.add_argument("--data-dir", default=None, help="folder with the dataset files")
-    p.add_argument("--network", default="mlp", help="model name")
+    p.add_argument("--dataset", default="digits", choices=DATASETS, metavar="NAME",
+                   help="dataset: " + " | ".join(DATASETS))
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the dataset's usual places)")
+    p.add_argument("--network", default="mlp", choices=MODELS, metavar="NAME",
+                   help="network: " + " | ".join(MODELS) + " (parameters: --param)")
     p.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
                    help="model parameter, e.g. --param depth=2 --param 'hidden=[64, 32]' (repeatable; TOML value)")
-    p.add_argument("--penalty", default="none", choices=PENALTIES, help="penalty")
+    p.add_argument("--penalty", default="none", choices=PENALTIES, metavar="NAME",
+                   help="penalty: " + " | ".join(PENALTIES))
     p.add_argument("--weight", type=float, default=0.0, help="penalty weight lambda (> 0 unless --penalty none)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order, dropout")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction of the training set")
     p.add_argument("--checkpoint", default=None, help="epoch checkpoint file (resumed from when present)")
     p.add_argument("--output", default=None, help="write the result (JSON) to this file")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (else a bar on a terminal, one line per epoch on stderr otherwise)")
     p.add_argument("--distributed-penalty", choices=("global", "local"), default="global",
                    help="under torchrun (DDP): the penalty of the global batch gathered from all ranks, or per rank")
     _add_train_options(p)
@@ -235,30 +219,40 @@ def _sweep(args, config, out: Path) -> int:
     return 0
 
 
+def _as_option(message: str) -> str:
+    """A configuration error worded for ``train``'s options: ``train.max_epochs: ...`` -> ``--max-epochs: ...``."""
+    key, sep, rest = message.partition(": ")
+    if sep and key.startswith("train."):
+        key = key[len("train."):]
+    if sep and (key in _TRAIN_FIELDS or key in ("penalty", "weight", "seed")):
+        return f"--{key.replace('_', '-')}: {rest}"
+    if message.startswith("unknown parameter"):
+        return f"--param: {message}"
+    return message
+
+
 def _cmd_train(args) -> int:
-    from .sweep import execute_run
     from .train import RunSpec
 
-    train_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     params: dict = {}
     for assignment in args.params:
-        _override(params, assignment)
-    from .config import SweepConfig, _network_from
-
-    net = _network_from({"model": args.network, "params": params}, 0)
-    SweepConfig(dataset=args.dataset, networks=(net,)).validate_names()
-    spec = RunSpec(
-        dataset=args.dataset, network=args.network, model=args.network, model_params=net.params, penalty=args.penalty,
-        weight=float(args.weight), seed=args.seed, train=TrainConfig(**train_kwargs), data_dir=args.data_dir,
-        split_seed=args.split_seed, val_fraction=args.val_fraction,
-    )
-    ckpt_dir = None
+        apply_override(params, assignment, flag="--param")
+    net = parse_network({"model": args.network, "params": params}, "--network")
+    try:
+        check_network(net)  # the name itself is one of argparse's choices
+        spec = RunSpec(
+            dataset=args.dataset, network=args.network, model=args.network, model_params=net.params,
+            penalty=args.penalty, weight=float(args.weight), seed=args.seed,
+            train=TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}),
+            data_dir=args.data_dir, split_seed=args.split_seed, val_fraction=args.val_fraction,
+        )
+    except ConfigError as exc:
+        raise ConfigError(_as_option(str(exc))) from None
     from . import ddp
+    from .train import train_run
 
     ctx = None
     if ddp.launched_by_torchrun():  # this process is one rank of a DistributedDataParallel run
-        from .train import train_run
-
         ctx = ddp.setup(device=args.device, penalty_mode=args.distributed_penalty)
         try:
             ctx.check_batch_size(spec.train.batch_size)
@@ -269,13 +263,8 @@ def _cmd_train(args) -> int:
             ddp.teardown()
         if not ctx.is_main:  # rank 0 alone prints and writes
             return 0 if result["status"] == "done" else 1
-    elif args.checkpoint:
-        # execute_run names the file itself; train_run takes the exact path
-        from .train import train_run
-
-        result = train_run(spec, args.checkpoint, progress=not args.quiet)
     else:
-        result = execute_run(spec, ckpt_dir, progress=not args.quiet)
+        result = train_run(spec, args.checkpoint, progress=not args.quiet)
     shown = {k: result.get(k) for k in ("status", "epochs", "best_epoch", "train_loss", "val_loss", "val_acc",
                                          "test_loss", "test_acc", "wall_s", "error")}
     print(json.dumps(shown, indent=2))
@@ -336,11 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return _inspect(args)
         if args.command == "reproduce":
-            config = _load_config(args.preset, True, args.sets, args.data_dir)
+            config = load_preset(args.preset, args.sets, args.data_dir, check_names=True)
             out = Path(args.out) if args.out else Path("runs") / args.preset
             return _sweep(args, config, out)
         if args.command == "sweep":
-            config = _load_config(args.config, False, args.sets, args.data_dir)
+            config = load_sweep(args.config, args.sets, args.data_dir, check_names=True)
             return _sweep(args, config, Path(args.out))
     except (ConfigError, StoreError, DataError) as exc:
         _print_error(str(exc))

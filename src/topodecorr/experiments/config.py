@@ -29,14 +29,14 @@ A sweep file looks like this (every key optional except ``dataset``)::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 __all__ = [
     "ConfigError",
@@ -47,7 +47,11 @@ __all__ = [
     "NetworkSpec",
     "TrainConfig",
     "SweepConfig",
+    "parse_network",
+    "check_dataset_name",
+    "check_network",
     "parse_sweep",
+    "apply_override",
     "load_sweep",
     "list_presets",
     "preset_path",
@@ -228,8 +232,16 @@ class NetworkSpec:
         return {"label": self.label, "model": self.model, "params": dict(self.params)}
 
 
-def _network_from(item: Any, index: int) -> NetworkSpec:
-    where = f"networks[{index}]"
+def parse_network(item: Any, where: str = "networks[0]") -> NetworkSpec:
+    """A :class:`NetworkSpec` from a model name or a ``{label, model, params}`` table.
+
+    ``where`` names the entry in error messages (``networks[2]``, ``--network``).
+
+    Examples
+    --------
+    >>> parse_network({"model": "vgg", "params": {"depth": 2}, "label": "v"})
+    NetworkSpec(label='v', model='vgg', params=(('depth', 2),))
+    """
     if isinstance(item, str):
         return NetworkSpec(label=item, model=item)
     if not isinstance(item, Mapping):
@@ -248,6 +260,26 @@ def _network_from(item: Any, index: int) -> NetworkSpec:
         raise ConfigError(f"{where}.params: expected a table, got {params!r}")
     frozen = tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
     return NetworkSpec(label=label, model=model, params=frozen)
+
+
+def check_dataset_name(name: str) -> None:
+    """Raise :class:`ConfigError` unless ``name`` is a dataset of :data:`topodecorr.experiments.data.DATASETS`."""
+    from .data import DATASETS
+
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+
+
+def check_network(net: NetworkSpec) -> None:
+    """Raise :class:`ConfigError` unless ``net`` names a known model with parameters it accepts."""
+    from .models import MODELS, model_defaults
+
+    if net.model not in MODELS:
+        raise ConfigError(f"unknown network {net.model!r}; choose from {sorted(MODELS)}")
+    accepted = model_defaults(net.model)
+    unknown = sorted(set(net.kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(f"unknown parameter(s) {unknown} for model {net.model!r}; accepted: {sorted(accepted)}")
 
 
 @dataclass(frozen=True)
@@ -341,27 +373,21 @@ class SweepConfig:
             raise ConfigError(f"data_dir: must be a path string, got {self.data_dir!r}")
 
     def validate_names(self) -> None:
-        """Check dataset and model names against the experiment registries.
+        """Check dataset and model names (and model parameters) against the experiment registries.
 
-        Kept apart from ``__post_init__`` so that parsing a file does not import torch.
+        Kept apart from ``__post_init__`` so that a configuration can be parsed and
+        shown before the registries are consulted.
         """
-        from .data import DATASETS
-        from .models import MODELS, model_defaults
-
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"dataset: unknown dataset {self.dataset!r}; choose from {sorted(DATASETS)}")
-        for net in self.networks:
-            if net.model not in MODELS:
-                raise ConfigError(
-                    f"networks: unknown network {net.model!r} (label {net.label!r}); choose from {sorted(MODELS)}"
-                )
-            accepted = model_defaults(net.model)
-            unknown = sorted(set(net.kwargs) - set(accepted))
-            if unknown:
-                raise ConfigError(
-                    f"networks: {net.label!r}: unknown parameter(s) {unknown} for model {net.model!r}; "
-                    f"accepted: {sorted(accepted)}"
-                )
+        try:
+            check_dataset_name(self.dataset)
+        except ConfigError as exc:
+            raise ConfigError(f"dataset: {exc}") from None
+        for i, net in enumerate(self.networks):
+            try:
+                check_network(net)
+            except ConfigError as exc:
+                where = f"networks[{i}]" + (f" (label {net.label!r})" if net.label != net.model else "")
+                raise ConfigError(f"{where}: {exc}") from None
 
     def grid(self) -> list[tuple[str, str, float, int]]:
         """The runs as ``(network label, penalty, weight, seed)``, in a fixed order.
@@ -396,17 +422,6 @@ class SweepConfig:
             "seeds": list(self.seeds),
             "train": self.train.to_dict(),
         }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    def protocol_dict(self) -> dict[str, Any]:
-        """The parts that must not change between two invocations of one sweep
-        (the grid itself may grow)."""
-        d = self.to_dict()
-        for key in ("name", "description", "penalties", "weights", "seeds", "data_dir"):
-            d.pop(key)
-        return d
 
     def replace(self, **changes: Any) -> "SweepConfig":
         return dataclasses.replace(self, **changes)
@@ -444,7 +459,7 @@ def parse_sweep(data: Mapping[str, Any], source: str = "<config>") -> SweepConfi
             if key in data and not isinstance(data[key], list):
                 raise ConfigError(f"{key}: expected a list, got {data[key]!r}")
         if "networks" in data:
-            kwargs["networks"] = tuple(_network_from(item, i) for i, item in enumerate(data["networks"]))
+            kwargs["networks"] = tuple(parse_network(item, f"networks[{i}]") for i, item in enumerate(data["networks"]))
         if "penalties" in data:
             kwargs["penalties"] = tuple(data["penalties"])
         if "weights" in data:
@@ -462,18 +477,113 @@ def parse_sweep(data: Mapping[str, Any], source: str = "<config>") -> SweepConfi
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def load_sweep(path: str | Path) -> SweepConfig:
-    """Read and validate a TOML sweep file (parsed with :mod:`tomllib`, never evaluated)."""
-    path = Path(path)
+def apply_override(data: dict, assignment: str, flag: str = "--set") -> None:
+    """Apply ``KEY=VALUE`` to the parsed TOML ``data`` in place; VALUE is a TOML value.
+
+    A dotted KEY reaches into tables (``train.max_epochs=50``); a VALUE that is not
+    valid TOML is taken as a bare string (``dataset=digits``). ``flag`` names the
+    command-line option in error messages.
+
+    Examples
+    --------
+    >>> d = {"dataset": "digits"}
+    >>> apply_override(d, "train.max_epochs=5"); apply_override(d, "seeds=[0, 1]"); d
+    {'dataset': 'digits', 'train': {'max_epochs': 5}, 'seeds': [0, 1]}
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"{flag} expects KEY=VALUE (e.g. {'depth=2' if flag == '--param' else 'train.max_epochs=50'}), "
+                          f"got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word is taken as a string
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{flag} {assignment}: {part!r} is not a table")
+    node[parts[-1]] = value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read sweep file {path}: {exc.strerror or exc}") from None
     try:
-        data = tomllib.loads(text.decode("utf-8"))
+        return tomllib.loads(text.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_sweep(data, source=str(path))
+
+
+def _configure(
+    data: dict[str, Any], source: str, overrides: Sequence[str], data_dir: str | None, check_names: bool
+) -> SweepConfig:
+    """Parse ``data`` with the ``--set`` assignments and ``data_dir`` applied.
+
+    An error that the file alone does not have is blamed on the ``--set`` that
+    causes it (the first one that fails on its own, else all of them).
+    """
+
+    def build(d: dict[str, Any]) -> SweepConfig:
+        config = parse_sweep(d, source=source)
+        if check_names:
+            try:
+                config.validate_names()
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+        return config
+
+    def changed(assignments: Sequence[str]) -> dict[str, Any]:
+        d = copy.deepcopy(data)
+        for assignment in assignments:
+            apply_override(d, assignment)
+        return d
+
+    full = changed(overrides)
+    if data_dir is not None:
+        full["data_dir"] = data_dir
+    try:
+        return build(full)
+    except ConfigError as exc:
+        if not overrides:
+            raise
+        try:
+            build(data)
+        except ConfigError:
+            raise exc from None  # the file itself is wrong: blame it, as without --set
+        culprits = list(overrides)
+        for assignment in overrides:
+            try:
+                build(changed([assignment]))
+            except ConfigError:
+                culprits = [assignment]
+                break
+        detail = str(exc).removeprefix(f"{source}: ")
+        raise ConfigError(f"{' '.join('--set ' + a for a in culprits)}: {detail}") from None
+
+
+def load_sweep(
+    path: str | Path, overrides: Sequence[str] = (), data_dir: str | None = None, check_names: bool = False
+) -> SweepConfig:
+    """Read and validate a TOML sweep file (parsed with :mod:`tomllib`, never evaluated).
+
+    Parameters
+    ----------
+    path : path
+        The TOML file.
+    overrides : sequence of str
+        ``KEY=VALUE`` assignments applied before validation (see :func:`apply_override`).
+    data_dir : str, optional
+        Replaces the file's ``data_dir``.
+    check_names : bool
+        Also check dataset and network names against the registries
+        (:meth:`SweepConfig.validate_names`), the error naming the file.
+    """
+    path = Path(path)
+    return _configure(_read_toml(path), str(path), overrides, data_dir, check_names)
 
 
 def _presets_dir():
@@ -499,8 +609,9 @@ def preset_path(name: str):
     return entry
 
 
-def load_preset(name: str) -> SweepConfig:
-    """Load a shipped preset by name (see ``topodecorr presets``)."""
-    entry = preset_path(name)
-    data = tomllib.loads(entry.read_text(encoding="utf-8"))
-    return parse_sweep(data, source=f"preset {name!r}")
+def load_preset(
+    name: str, overrides: Sequence[str] = (), data_dir: str | None = None, check_names: bool = False
+) -> SweepConfig:
+    """Load a shipped preset by name (see ``topodecorr presets``); arguments as :func:`load_sweep`."""
+    data = tomllib.loads(preset_path(name).read_text(encoding="utf-8"))
+    return _configure(data, f"preset {name!r}", overrides, data_dir, check_names)

@@ -69,10 +69,12 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DATASETS",
@@ -178,6 +180,8 @@ def _check_val_fraction(val_fraction: float) -> None:
 
 
 def _pairs(X: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch  # here, not at the top: the dataset names serve --help without torch
+
     return (
         torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)),
         torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),

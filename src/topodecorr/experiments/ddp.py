@@ -5,8 +5,8 @@
 ``MASTER_ADDR`` and ``MASTER_PORT`` in its environment, and :func:`setup` turns
 them into a process group (NCCL on CUDA, gloo on CPU) and a
 :class:`DistContext` that the training loop
-(:func:`topodecorr.experiments.train.train_run`, argument ``dist``) consults
-in a handful of explicit places.
+(:func:`topodecorr.experiments.train.train_run`, argument ``dist``) talks to;
+a one-process run talks to a :class:`LocalContext` with the same interface.
 
 What a K-process run computes
 -----------------------------
@@ -56,7 +56,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["DistContext", "launched_by_torchrun", "setup", "teardown", "distributed", "PENALTY_MODES"]
+__all__ = ["DistContext", "LocalContext", "launched_by_torchrun", "setup", "teardown", "distributed", "PENALTY_MODES"]
 
 #: How the decorrelation penalty treats the batch under DDP.
 PENALTY_MODES = ("global", "local")
@@ -195,14 +195,74 @@ class DistContext:
         count = max(count, 1.0)
         return total_loss / count, correct / count
 
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
-
     @property
     def _comm_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class LocalContext:
+    """One process on its own, with :class:`DistContext`'s interface.
+
+    The training loop talks to one context either way: here the model is not
+    wrapped, collectives return their input, evaluation runs on the whole set,
+    and the batches are the consecutive chunks of the epoch permutation.
+
+    Attributes
+    ----------
+    device : torch.device
+        Where the run trains.
+    """
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    penalty_mode: str = "global"
+
+    @property
+    def is_main(self) -> bool:
+        """Always true: the one process writes checkpoints and results."""
+        return True
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` itself."""
+        return model
+
+    def batches(self, perm: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+        """Consecutive chunks of ``batch_size`` of ``perm``; a trailing single sample is left out
+        (it has no correlation).
+
+        Examples
+        --------
+        >>> ctx = LocalContext(torch.device("cpu"))
+        >>> [b.tolist() for b in ctx.batches(torch.arange(7), 3)]
+        [[0, 1, 2], [3, 4, 5]]
+        """
+        for start in range(0, perm.numel(), batch_size):
+            idx = perm[start : start + batch_size]
+            if idx.numel() >= 2:
+                yield idx
+
+    def seed_epoch(self, seed: int, epoch: int) -> None:
+        """Nothing to do: the process keeps the run's own random stream."""
+
+    def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
+        """``values`` as floats."""
+        return [float(v) for v in values]
+
+    def all_finite(self, *tensors: torch.Tensor) -> bool:
+        """Whether every tensor is finite."""
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+    def evaluate(
+        self,
+        fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[float, float]],
+        model: nn.Module,
+        X: torch.Tensor,
+        y: torch.Tensor,
+    ) -> tuple[float, float]:
+        """``fn(model, X, y)``: mean loss and accuracy over the whole set."""
+        return fn(model, X, y)
 
 
 def setup(

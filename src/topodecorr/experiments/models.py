@@ -52,9 +52,13 @@ What the automatic layer rule captures
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch is imported inside the builders: the names and defaults below serve the command
+# line's --help and the configuration checks, which must not wait for torch.
 
 __all__ = ["MODELS", "PAPER_NETWORKS", "build_model", "model_defaults", "count_parameters"]
 
@@ -197,6 +201,8 @@ def _dropout(name: str, value: Any) -> float:
 
 
 def _dense_stack(in_features: int, widths: tuple[int, ...], dropout: float, num_classes: int) -> list[nn.Module]:
+    from torch import nn
+
     layers: list[nn.Module] = []
     for w in widths:
         layers += [nn.Linear(in_features, w), nn.ReLU()]
@@ -208,12 +214,16 @@ def _dense_stack(in_features: int, widths: tuple[int, ...], dropout: float, num_
 
 
 def _mlp(name: str, shape: tuple[int, ...], num_classes: int, cfg: dict[str, Any]) -> nn.Sequential:
+    from torch import nn
+
     hidden = _widths(name, "hidden", cfg["hidden"], allow_empty=False)
     dropout = _dropout(name, cfg["dropout"])
     return nn.Sequential(nn.Flatten(), *_dense_stack(math.prod(shape), hidden, dropout, num_classes))
 
 
 def _vgg(name: str, shape: tuple[int, ...], num_classes: int, cfg: dict[str, Any]) -> nn.Sequential:
+    from torch import nn
+
     if len(shape) != 3:
         raise ValueError(
             f"network 'vgg' needs image inputs of shape (channels, height, width), got input_shape={shape}; "
@@ -254,6 +264,8 @@ def _vgg(name: str, shape: tuple[int, ...], num_classes: int, cfg: dict[str, Any
 
 
 def _cnn1d(name: str, shape: tuple[int, ...], num_classes: int, cfg: dict[str, Any]) -> nn.Sequential:
+    from torch import nn
+
     if len(shape) not in (1, 2):
         raise ValueError(
             f"network 'cnn1d' needs sequence inputs of shape (length,) or (channels, length), got input_shape={shape}"
@@ -276,6 +288,8 @@ def _cnn1d(name: str, shape: tuple[int, ...], num_classes: int, cfg: dict[str, A
 
 def _glorot(model: nn.Module) -> None:
     """Glorot-uniform weights and zero biases on every Linear and Conv1d/2d (Keras' defaults)."""
+    from torch import nn
+
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             nn.init.xavier_uniform_(m.weight)

@@ -38,7 +38,7 @@ from typing import Callable, Protocol
 
 from .config import SweepConfig
 from .store import DB_NAME, FINISHED, ResultStore
-from .train import RunSpec, _cached_dataset, software_versions, train_run
+from .train import RunSpec, cached_dataset, software_versions, train_run
 
 __all__ = [
     "DB_NAME",
@@ -93,7 +93,8 @@ def execute_run(
         if on_epoch is not None:
             on_epoch(record)
 
-    return train_run(spec, ckpt, progress=progress, on_epoch=epoch_hook)
+    # a sweep shows one line per run, not per epoch, when there is no terminal
+    return train_run(spec, ckpt, progress=progress, epoch_lines=False, on_epoch=epoch_hook)
 
 
 class Executor(Protocol):
@@ -257,7 +258,7 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out / "checkpoints"
     # fail fast (clear error, nothing written to the runs) when the data cannot be read
-    data = _cached_dataset(config.dataset, config.data_dir, config.split_seed, float(config.val_fraction))
+    data = cached_dataset(config.dataset, config.data_dir, config.split_seed, float(config.val_fraction))
     store = ResultStore(out / DB_NAME)
     try:
         specs = run_specs(config)

@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -49,12 +49,23 @@ import torch.nn.functional as F
 from torch import nn
 
 import topodecorr
+from topodecorr import penalties
 from topodecorr.capture import ACTIVATION_MODULES
+from topodecorr.penalties import Penalty
 from topodecorr.sampling import select_neurons
 
-from .config import DECORRELATION_PENALTIES, PENALTIES, PENALTY_VARIANTS, ConfigError, TrainConfig
+from .config import PENALTIES, PENALTY_VARIANTS, ConfigError, TrainConfig
 
-__all__ = ["RunSpec", "train_run", "software_versions", "load_checkpoint", "resolve_device", "probe_deaths"]
+__all__ = [
+    "RunSpec",
+    "train_run",
+    "penalty_of",
+    "cached_dataset",
+    "software_versions",
+    "load_checkpoint",
+    "resolve_device",
+    "probe_deaths",
+]
 
 #: Largest correlation matrix kept for heat maps (neurons); float16 storage.
 CORR_MAX_NEURONS = 192
@@ -157,7 +168,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 @lru_cache(maxsize=4)
-def _cached_dataset(name: str, data_dir: str | None, split_seed: int, val_fraction: float):
+def cached_dataset(name: str, data_dir: str | None, split_seed: int, val_fraction: float):
+    """:func:`topodecorr.experiments.data.load_dataset`, cached per process (the last four splits)."""
     from .data import load_dataset
 
     return load_dataset(name, data_dir=data_dir, split_seed=split_seed, val_fraction=val_fraction)
@@ -292,28 +304,294 @@ class _Diverged(Exception):
     pass
 
 
-def _make_regulariser(model: nn.Module, spec: RunSpec, distributed: str = "global"):
-    cfg = spec.train
-    if spec.penalty not in DECORRELATION_PENALTIES:
+def penalty_of(label: str) -> tuple[Penalty | None, str]:
+    """The registry entry (:data:`topodecorr.penalties.REGISTRY`) and dead-neuron policy of
+    a sweep penalty label; ``(None, "keep")`` for ``none``, which adds no term at all.
+
+    Examples
+    --------
+    >>> entry, dead = penalty_of("t2_live"); entry.name, entry.kind, dead
+    ('t2', 'deaths', 'drop')
+    >>> penalty_of("l1")[0].kind
+    'parameters'
+    """
+    if label not in PENALTIES:
+        raise ConfigError(f"penalty: unknown penalty {label!r}; choose from {list(PENALTIES)}")
+    if label == "none":
+        return None, "keep"
+    name, dead = PENALTY_VARIANTS.get(label, (label, "keep"))
+    return penalties.lookup(name), dead
+
+
+class _PenaltyTerm:
+    """The weighted penalty term of one run, read after every training forward pass.
+
+    Activation and death penalties read the activations of that very forward pass
+    through :class:`topodecorr.Decorrelation` hooks, attached once for the run
+    (:meth:`hooks`); parameter penalties (L1, L2) read the model's weights.
+    """
+
+    def __init__(self, model: nn.Module, spec: RunSpec, penalty_mode: str) -> None:
+        self.model, self.weight = model, float(spec.weight)
+        self.entry, dead = penalty_of(spec.penalty)
+        self.reg = None
+        if self.entry is not None and self.entry.kind != "parameters":
+            cfg = spec.train
+            self.reg = topodecorr.Decorrelation(
+                model,
+                layers="auto",
+                penalty=self.entry.name,
+                dead_neurons=dead,
+                weight=self.weight,
+                dissimilarity=cfg.dissimilarity,
+                sampling=cfg.sampling,
+                fraction=cfg.fraction,
+                seed=spec.seed,
+                on_nonfinite="raise",
+                distributed=penalty_mode,  # under DDP: penalty of the gathered global batch, or per rank
+                **({"alpha": cfg.t2_alpha} if self.entry.uses_alpha else {}),
+            )
+
+    def hooks(self) -> contextlib.AbstractContextManager:
+        """Attach the capture hooks for the duration of a ``with`` block (nothing to attach otherwise)."""
+        return self.reg if self.reg is not None else contextlib.nullcontext()
+
+    def __call__(self, epoch: int) -> torch.Tensor | None:
+        """The weighted penalty of the last forward pass, or None for ``none``."""
+        if self.reg is not None:
+            try:
+                return self.reg.penalty()
+            except FloatingPointError as exc:  # non-finite activations or penalty
+                raise _Diverged(f"epoch {epoch}: {exc}") from None
+        if self.entry is not None:
+            return self.weight * self.entry(self.model)
         return None
-    if not hasattr(topodecorr, "Decorrelation"):  # pragma: no cover - the training API is part of the package
-        raise RuntimeError("topodecorr.Decorrelation is not available in this installation")
-    penalty, dead = PENALTY_VARIANTS.get(spec.penalty, (spec.penalty, "keep"))
-    kwargs = dict(
-        layers="auto",
-        penalty=penalty,
-        dead_neurons=dead,
-        weight=float(spec.weight),
-        dissimilarity=cfg.dissimilarity,
-        sampling=cfg.sampling,
-        fraction=cfg.fraction,
-        seed=spec.seed,
-        on_nonfinite="raise",
-        distributed=distributed,  # under DDP: penalty of the gathered global batch, or per rank
-    )
-    if penalty == "t2":
-        kwargs["alpha"] = cfg.t2_alpha
-    return topodecorr.Decorrelation(model, **kwargs)
+
+
+def _device_splits(spec: RunSpec, data, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(Xtr, ytr, Xva, yva, Xte, yte) on ``device``, labels int64, with the budget subsets applied."""
+    cfg = spec.train
+    Xtr, ytr = (torch.as_tensor(a) for a in data.train)
+    Xva, yva = (torch.as_tensor(a) for a in data.val)
+    Xte, yte = (torch.as_tensor(a) for a in data.test)
+    # budget subsets: the same seeded random samples for every run of a sweep (split_seed)
+    if cfg.train_samples:
+        keep = _subset(Xtr.shape[0], cfg.train_samples, spec.split_seed)
+        Xtr, ytr = Xtr[keep], ytr[keep]
+    if cfg.val_samples:
+        keep = _subset(Xva.shape[0], cfg.val_samples, spec.split_seed + 1)
+        Xva, yva = Xva[keep], yva[keep]
+    Xtr, ytr, Xva, yva, Xte, yte = (t.to(device) for t in (Xtr, ytr, Xva, yva, Xte, yte))
+    return Xtr, ytr.long(), Xva, yva.long(), Xte, yte.long()
+
+
+class _Run:
+    """One run's state: its data on the device, the model, optimiser and schedule, the
+    curves and the early-stopping state. ``train_run`` drives it epoch by epoch."""
+
+    def __init__(self, spec: RunSpec, data, ctx) -> None:
+        from .models import build_model
+
+        cfg = spec.train
+        self.spec, self.cfg, self.ctx = spec, cfg, ctx
+        self.Xtr, self.ytr, self.Xva, self.yva, self.Xte, self.yte = _device_splits(spec, data, ctx.device)
+        self.probe_x = self.Xva[: cfg.probe_batch]
+        torch.manual_seed(spec.seed)
+        self.model = build_model(spec.model, data.input_shape, data.num_classes, **dict(spec.model_params))
+        self.model.to(ctx.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         nesterov=cfg.nesterov)
+        # staircase exponential decay, stepped once per batch: lr * lr_decay ** floor(step / decay_steps)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.decay_steps, gamma=cfg.lr_decay)
+        self.gen = torch.Generator().manual_seed(spec.seed)
+        self.penalty = _PenaltyTerm(self.model, spec, ctx.penalty_mode)
+        # DDP: `net` trains (gradients averaged over ranks); `model`, the same weights, is evaluated and saved
+        self.net = ctx.wrap(self.model)
+        self.identity = json.dumps(spec.to_dict(), sort_keys=True)
+        self.history: list[dict] = []
+        self.best: dict[str, Any] = {"val_loss": math.inf, "epoch": -1, "state": None, "bad_epochs": 0}
+        self.start_epoch, self.resumed_from, self.wall_before = 0, None, 0.0
+
+    @property
+    def stopped(self) -> bool:
+        """Early stopping: ``patience`` epochs without a lower validation loss."""
+        return self.best["bad_epochs"] >= self.cfg.patience
+
+    def evaluate(self, X: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        return self.ctx.evaluate(_evaluate, self.model, X, y)
+
+    # -- the steps --------------------------------------------------------------------------
+
+    def resume(self, path: Path | None) -> None:
+        """Continue from the checkpoint at ``path`` when it exists and belongs to this run."""
+        if path is None or not path.exists():
+            return
+        state = load_checkpoint(path, map_location=self.ctx.device)
+        if state.get("identity") != self.identity:
+            return  # another run's checkpoint: start afresh
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], self.gen, self.ctx.device)
+        self.history = list(state["history"])
+        self.best = dict(state["best"])
+        self.start_epoch = self.resumed_from = int(state["epoch"]) + 1
+        self.wall_before = float(state.get("wall_s", 0.0))
+
+    def epoch(self, epoch: int) -> dict:
+        """Train one epoch, score it (validation loss and accuracy, death statistics) and
+        update the early-stopping state; returns the epoch's record."""
+        spec, cfg, ctx = self.spec, self.cfg, self.ctx
+        t0 = time.perf_counter()
+        self.model.train()
+        perm = torch.randperm(self.Xtr.shape[0], generator=self.gen).to(ctx.device)
+        ctx.seed_epoch(spec.seed, epoch)
+        lr_now = self.optimizer.param_groups[0]["lr"]
+        sum_task = sum_pen = 0.0
+        seen = batches = 0
+        for idx in ctx.batches(perm, cfg.batch_size):  # this rank's share of each global batch
+            task, term = self._step(idx, epoch)
+            # running sums stay on the device: no extra host synchronisation per step
+            sum_task = sum_task + task.detach().double() * idx.numel()
+            if term is not None and spec.weight > 0:
+                sum_pen = sum_pen + term.detach().double() / spec.weight
+            seen += idx.numel()
+            batches += 1
+        sum_task, sum_pen, seen, batches = ctx.all_reduce_sum([float(sum_task), float(sum_pen), seen, batches])
+        val_loss, val_acc = self.evaluate(self.Xva, self.yva)
+        if not math.isfinite(val_loss):
+            raise _Diverged(f"non-finite validation loss at epoch {epoch}")
+        probe = probe_deaths(self.model, self.probe_x, cfg)
+        record = {
+            "epoch": epoch,
+            "lr": lr_now,
+            "train_loss": sum_task / max(1, seen),
+            "penalty": sum_pen / max(1, batches) if spec.penalty != "none" else None,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "neurons": probe["neurons"],
+            "dead": probe["dead"],
+            "min_death": probe["min_death"],
+            "mean_death": probe["mean_death"],
+            "max_death": probe["max_death"],
+            "epoch_s": time.perf_counter() - t0,
+        }
+        self.history.append(record)
+        if val_loss < self.best["val_loss"]:
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best = {"val_loss": val_loss, "epoch": epoch, "state": state, "bad_epochs": 0}
+        else:
+            self.best["bad_epochs"] += 1
+        return record
+
+    def _step(self, idx: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimiser step on the samples ``idx``; returns the task loss and the penalty term."""
+        xb, yb = self.Xtr[idx], self.ytr[idx]
+        out = self.net(xb)  # the penalty's hooks capture this very forward pass
+        if not self.ctx.all_finite(out):  # under DDP all ranks stop together
+            raise _Diverged(f"non-finite network output at epoch {epoch}")
+        task = F.cross_entropy(out, yb)
+        term = self.penalty(epoch)
+        loss = task if term is None else task + term
+        if not self.ctx.all_finite(loss):
+            raise _Diverged(f"non-finite loss at epoch {epoch} (task loss {task.item():.4g})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return task, term
+
+    def save(self, path: Path, elapsed: float) -> None:
+        """Checkpoint after the last finished epoch (``elapsed``: seconds of this invocation)."""
+        _save_checkpoint(
+            path,
+            {
+                "identity": self.identity,
+                "epoch": self.history[-1]["epoch"],
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": _rng_state(self.gen, self.ctx.device),
+                "history": self.history,
+                "best": self.best,
+                "wall_s": self.wall_before + elapsed,
+            },
+        )
+
+    def finish(self, status: str, error: str | None) -> dict[str, Any]:
+        """The result: on success the best epoch's weights are restored and scored."""
+        result: dict[str, Any] = {
+            "status": status,
+            "error": error,
+            "history": self.history,
+            "epochs": len(self.history),
+            "resumed_from": self.resumed_from,
+            "versions": software_versions(),
+            "deaths": None,
+            "correlation": None,
+        }
+        if status == "done" and self.best["state"] is None:
+            result.update(status="diverged", error="no finished epoch")
+        elif status == "done":
+            self.model.load_state_dict(self.best["state"])  # the paper keeps the best weights
+            tr_loss, tr_acc = self.evaluate(self.Xtr, self.ytr)
+            va_loss, va_acc = self.evaluate(self.Xva, self.yva)
+            te_loss, te_acc = self.evaluate(self.Xte, self.yte)
+            probe = probe_deaths(self.model, self.probe_x, self.cfg, keep_correlation=self.spec.keep_correlation)
+            result.update(
+                best_epoch=self.best["epoch"],
+                train_loss=tr_loss,
+                val_loss=va_loss,
+                val_acc=va_acc,
+                test_loss=te_loss,
+                test_acc=te_acc,
+                deaths=probe["deaths"],
+                correlation=probe.get("correlation"),
+                metrics={"train_acc": tr_acc, "neurons": probe["neurons"], "dead": probe["dead"],
+                         "mean_death": probe["mean_death"], "min_death": probe["min_death"]},
+            )
+        times = [h["epoch_s"] for h in self.history]
+        result["epoch_s"] = float(np.mean(times)) if times else None
+        return result
+
+
+class _Progress:
+    """Epoch progress of one run: a tqdm bar on a terminal; elsewhere (a log file, CI) one
+    line per epoch on stderr when ``lines`` is set, else nothing."""
+
+    def __init__(self, spec: RunSpec, start_epoch: int, lines: bool) -> None:
+        self.label = f"{spec.network} {spec.penalty} {spec.weight:g} s{spec.seed}"
+        self.total = spec.train.max_epochs
+        self.bar = None
+        self.lines = lines and not _is_terminal(sys.stderr)
+        if _is_terminal(sys.stderr):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=start_epoch, desc=self.label, unit="epoch", leave=False,
+                            dynamic_ncols=True)
+
+    def update(self, record: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(val_acc=f"{record['val_acc']:.3f}", val_loss=f"{record['val_loss']:.3f}",
+                                 refresh=False)
+        elif self.lines:
+            print(
+                f"{self.label}: epoch {record['epoch'] + 1}/{self.total} train loss {record['train_loss']:.4f} "
+                f"val loss {record['val_loss']:.4f} val acc {record['val_acc']:.3f} ({record['epoch_s']:.1f} s)",
+                file=sys.stderr, flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
 
 
 def train_run(
@@ -322,6 +600,7 @@ def train_run(
     *,
     data=None,
     progress: bool = False,
+    epoch_lines: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
     dist=None,
 ) -> dict:
@@ -336,14 +615,19 @@ def train_run(
     data : DatasetSplits, optional
         Preloaded data (default: loaded and cached per process).
     progress : bool
-        Show an epoch progress bar (tqdm; hidden when stderr is not a terminal).
+        Show the epochs: a tqdm bar when stderr is a terminal, else one line per
+        epoch on stderr (see ``epoch_lines``).
+    epoch_lines : bool
+        Without a terminal, print those lines (``False``: nothing, as in sweeps,
+        which print one line per run).
     on_epoch : callable, optional
         Called with each epoch's metrics dict (e.g. a heartbeat).
     dist : topodecorr.experiments.ddp.DistContext, optional
         This process's rank in a ``torchrun`` job: the model is wrapped in
         DistributedDataParallel, each global batch of ``batch_size`` is split
         over the ranks, metrics are all-reduced and only rank 0 writes the
-        checkpoint (see :mod:`topodecorr.experiments.ddp`).
+        checkpoint (see :mod:`topodecorr.experiments.ddp`). Default: a
+        :class:`~topodecorr.experiments.ddp.LocalContext` on ``spec.train.device``.
 
     Returns
     -------
@@ -354,205 +638,35 @@ def train_run(
         ``deaths`` (float32 array of the final network's MST deaths on the probe),
         ``correlation`` (or None), ``metrics`` (extra numbers), ``versions``, ``error``.
     """
-    cfg = spec.train
+    from .ddp import LocalContext
+
     t_start = time.perf_counter()
-    device = resolve_device(cfg.device) if dist is None else dist.device
+    cfg = spec.train
+    ctx = dist if dist is not None else LocalContext(resolve_device(cfg.device))
     if data is None:
-        data = _cached_dataset(spec.dataset, spec.data_dir, spec.split_seed, float(spec.val_fraction))
-    from .models import build_model
-
-    Xtr, ytr = (torch.as_tensor(a) for a in data.train)
-    Xva, yva = (torch.as_tensor(a) for a in data.val)
-    Xte, yte = (torch.as_tensor(a) for a in data.test)
-    # budget subsets: the same seeded random samples for every run of a sweep (split_seed)
-    if cfg.train_samples:
-        keep = _subset(Xtr.shape[0], cfg.train_samples, spec.split_seed)
-        Xtr, ytr = Xtr[keep], ytr[keep]
-    if cfg.val_samples:
-        keep = _subset(Xva.shape[0], cfg.val_samples, spec.split_seed + 1)
-        Xva, yva = Xva[keep], yva[keep]
-    Xtr, ytr, Xva, yva, Xte, yte = (t.to(device) for t in (Xtr, ytr, Xva, yva, Xte, yte))
-    ytr, yva, yte = ytr.long(), yva.long(), yte.long()
-    probe_x = Xva[: cfg.probe_batch]
-
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.model, data.input_shape, data.num_classes, **dict(spec.model_params)).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    # staircase exponential decay, stepped once per batch: lr * lr_decay ** floor(step / decay_steps)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_steps, gamma=cfg.lr_decay)
-    gen = torch.Generator().manual_seed(spec.seed)
-    reg = _make_regulariser(model, spec, "global" if dist is None else dist.penalty_mode)
-    # DDP: `net` trains (gradients averaged over ranks); `model`, the same weights, is evaluated and saved
-    net = model if dist is None else dist.wrap(model)
-    evaluate = _evaluate if dist is None else functools.partial(dist.evaluate, _evaluate)
-
-    identity = json.dumps(spec.to_dict(), sort_keys=True)
-    history: list[dict] = []
-    best = {"val_loss": math.inf, "epoch": -1, "state": None, "bad_epochs": 0}
-    start_epoch, resumed_from, wall_before = 0, None, 0.0
+        data = cached_dataset(spec.dataset, spec.data_dir, spec.split_seed, float(spec.val_fraction))
+    run = _Run(spec, data, ctx)
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
-    if ckpt_path is not None and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=device)
-        if state.get("identity") == identity:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"], gen, device)
-            history = list(state["history"])
-            best = dict(state["best"])
-            start_epoch = resumed_from = int(state["epoch"]) + 1
-            wall_before = float(state.get("wall_s", 0.0))
-
-    n_train = Xtr.shape[0]
+    run.resume(ckpt_path)
+    shown = _Progress(spec, run.start_epoch, epoch_lines) if progress and ctx.is_main else None
     status, error = "done", None
-    epochs_bar = None
-    if progress and (dist is None or dist.is_main):
-        from tqdm.auto import tqdm
-
-        epochs_bar = tqdm(
-            total=cfg.max_epochs, initial=start_epoch, desc=f"{spec.network} {spec.penalty} {spec.weight:g} s{spec.seed}",
-            unit="epoch", leave=False, disable=None, dynamic_ncols=True,
-        )
-    stopped = best["bad_epochs"] >= cfg.patience
     try:
-        for epoch in range(start_epoch, cfg.max_epochs):
-            if stopped:
-                break
-            t0 = time.perf_counter()
-            model.train()
-            perm = torch.randperm(n_train, generator=gen).to(device)
-            sum_task = sum_pen = 0.0
-            seen = batches = 0
-            lr_now = optimizer.param_groups[0]["lr"]
-            if dist is None:
-                batch_iter = (perm[start : start + cfg.batch_size] for start in range(0, n_train, cfg.batch_size))
-            else:  # this rank's share of each global batch (DistributedSampler)
-                dist.seed_epoch(spec.seed, epoch)
-                batch_iter = dist.batches(perm, cfg.batch_size)
-            for idx in batch_iter:
-                if idx.numel() < 2 and dist is None:  # a trailing single sample has no correlation; skip it
-                    continue
-                xb, yb = Xtr[idx], ytr[idx]
-                # the decorrelation penalty reads the activations of this very forward pass (hooks)
-                with reg if reg is not None else contextlib.nullcontext():
-                    out = net(xb)
-                    if not (torch.isfinite(out).all() if dist is None else dist.all_finite(out)):  # all ranks stop together
-                        raise _Diverged(f"non-finite network output at epoch {epoch}")
-                    task = F.cross_entropy(out, yb)
-                    if reg is not None:
-                        try:
-                            term = reg.penalty()
-                        except FloatingPointError as exc:  # non-finite activations or penalty
-                            raise _Diverged(f"epoch {epoch}: {exc}") from None
-                    elif spec.penalty == "l1":
-                        term = spec.weight * topodecorr.l1(model)
-                    elif spec.penalty == "l2":
-                        term = spec.weight * topodecorr.l2(model)
-                    else:
-                        term = None
-                loss = task if term is None else task + term
-                if not (torch.isfinite(loss) if dist is None else dist.all_finite(loss)):
-                    raise _Diverged(f"non-finite loss at epoch {epoch} (task loss {task.item():.4g})")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                # running sums stay on the device: no extra host synchronisation per step
-                sum_task = sum_task + task.detach().double() * idx.numel()
-                if term is not None and spec.weight > 0:
-                    sum_pen = sum_pen + term.detach().double() / spec.weight
-                seen += idx.numel()
-                batches += 1
-            sum_task, sum_pen = float(sum_task), float(sum_pen)
-            if dist is not None:  # sums over all ranks
-                sum_task, sum_pen, seen, batches = dist.all_reduce_sum([sum_task, sum_pen, seen, batches])
-            val_loss, val_acc = evaluate(model, Xva, yva)
-            if not math.isfinite(val_loss):
-                raise _Diverged(f"non-finite validation loss at epoch {epoch}")
-            probe = probe_deaths(model, probe_x, cfg)
-            record = {
-                "epoch": epoch,
-                "lr": lr_now,
-                "train_loss": sum_task / max(1, seen),
-                "penalty": sum_pen / max(1, batches) if spec.penalty != "none" else None,
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "neurons": probe["neurons"],
-                "dead": probe["dead"],
-                "min_death": probe["min_death"],
-                "mean_death": probe["mean_death"],
-                "max_death": probe["max_death"],
-                "epoch_s": time.perf_counter() - t0,
-            }
-            history.append(record)
-            if val_loss < best["val_loss"]:
-                best = {
-                    "val_loss": val_loss,
-                    "epoch": epoch,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                    "bad_epochs": 0,
-                }
-            else:
-                best["bad_epochs"] += 1
-            stopped = best["bad_epochs"] >= cfg.patience
-            if ckpt_path is not None and (dist is None or dist.is_main):
-                _save_checkpoint(
-                    ckpt_path,
-                    {
-                        "identity": identity,
-                        "epoch": epoch,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": _rng_state(gen, device),
-                        "history": history,
-                        "best": best,
-                        "wall_s": wall_before + time.perf_counter() - t_start,
-                    },
-                )
-            if epochs_bar is not None:
-                epochs_bar.update(1)
-                epochs_bar.set_postfix(val_acc=f"{val_acc:.3f}", val_loss=f"{val_loss:.3f}", refresh=False)
-            if on_epoch is not None:
-                on_epoch(record)
+        with run.penalty.hooks():  # attached once for the whole run
+            for epoch in range(run.start_epoch, cfg.max_epochs):
+                if run.stopped:
+                    break
+                record = run.epoch(epoch)
+                if ckpt_path is not None and ctx.is_main:
+                    run.save(ckpt_path, time.perf_counter() - t_start)
+                if shown is not None:
+                    shown.update(record)
+                if on_epoch is not None:
+                    on_epoch(record)
     except _Diverged as exc:
         status, error = "diverged", str(exc)
     finally:
-        if epochs_bar is not None:
-            epochs_bar.close()
-
-    result: dict[str, Any] = {
-        "status": status,
-        "error": error,
-        "history": history,
-        "epochs": len(history),
-        "resumed_from": resumed_from,
-        "versions": software_versions(),
-        "deaths": None,
-        "correlation": None,
-    }
-    if status == "done" and best["state"] is not None:
-        model.load_state_dict(best["state"])  # the paper keeps the best weights
-        tr_loss, tr_acc = evaluate(model, Xtr, ytr)
-        va_loss, va_acc = evaluate(model, Xva, yva)
-        te_loss, te_acc = evaluate(model, Xte, yte)
-        probe = probe_deaths(model, probe_x, cfg, keep_correlation=spec.keep_correlation)
-        result.update(
-            best_epoch=best["epoch"],
-            train_loss=tr_loss,
-            val_loss=va_loss,
-            val_acc=va_acc,
-            test_loss=te_loss,
-            test_acc=te_acc,
-            deaths=probe["deaths"],
-            correlation=probe.get("correlation"),
-            metrics={"train_acc": tr_acc, "neurons": probe["neurons"], "dead": probe["dead"],
-                     "mean_death": probe["mean_death"], "min_death": probe["min_death"]},
-        )
-    elif status == "done":
-        status = result["status"] = "diverged"
-        result["error"] = "no finished epoch"
-    times = [h["epoch_s"] for h in history]
-    result["epoch_s"] = float(np.mean(times)) if times else None
-    result["wall_s"] = wall_before + time.perf_counter() - t_start  # over all invocations
+        if shown is not None:
+            shown.close()
+    result = run.finish(status, error)
+    result["wall_s"] = run.wall_before + time.perf_counter() - t_start  # over all invocations
     return result
