@@ -405,6 +405,7 @@ def test_per_layer_mode_sums_one_tree_per_layer():
     assert len(reg._last[1].deaths) == 3
 
 
+@pytest.mark.slow
 def test_compiled_model_hooks_still_capture():
     torch.manual_seed(10)
     m = _mlp()
@@ -447,6 +448,7 @@ def test_compiled_wrapper_is_unwrapped_and_nonfinite_activations_raise():
         assert reg._captured == []
 
 
+@pytest.mark.slow
 def test_compiled_before_attach_is_not_seen_until_dynamo_reset():
     torch.manual_seed(13)
     m = _mlp()

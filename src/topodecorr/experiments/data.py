@@ -401,7 +401,8 @@ _HOW_TO_GET = {
         "directory and pass it as data_dir (--data-dir), or install torchvision so they can be downloaded"
     ),
     "fashion-mnist": (
-        "install the Debian/Ubuntu package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), "
+        "run `make data` in the repository (it installs the Debian/Ubuntu package dataset-fashion-mnist, "
+        "or prints the apt-get command to run as root), "
         "or put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
         "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from Zalando Research's fashion-mnist "
         "repository on GitHub in a directory and pass it as data_dir (--data-dir), or install torchvision "
