@@ -18,7 +18,9 @@ from topodecorr.experiments import ddp
 from topodecorr.experiments.config import TrainConfig
 from topodecorr.experiments.train import RunSpec, load_checkpoint, train_run
 
-TIMEOUT_S = 120  # a hung collective must fail the test, not the suite
+# a hung collective must fail the test, not the suite; each worker compiles the numba kernels
+# on first use, which alone takes 30-50 s on a loaded 2-core machine
+TIMEOUT_S = 300
 
 # digits: 1150 training samples = 4 global batches of 256 + 126 (63 per rank), so the two-rank run sees
 # exactly the one-process run's batches; 2 epochs = 10 optimiser steps with T1 on every batch.
