@@ -197,3 +197,23 @@ def test_progress_without_a_terminal_is_one_line_per_epoch(data, capsys):
     train_run(_spec(max_epochs=2), data=data, progress=True, epoch_lines=False)
     train_run(_spec(max_epochs=2), data=data, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_sweep_penalties_resolve_in_the_registry():
+    """config's torch-free label lists agree with the penalty registry the loop dispatches through."""
+    from topodecorr import penalties
+    from topodecorr.experiments.config import DECORRELATION_PENALTIES, PENALTIES, PENALTY_VARIANTS
+    from topodecorr.experiments.train import penalty_of
+
+    assert penalty_of("none") == (None, "keep")
+    hooked = []
+    for label in PENALTIES[1:]:
+        entry, dead = penalty_of(label)
+        assert entry is penalties.REGISTRY[PENALTY_VARIANTS.get(label, (label,))[0]]
+        assert dead == ("drop" if label == "t2_live" else "keep")
+        if entry.kind != "parameters":
+            hooked.append(label)
+    assert tuple(hooked) == DECORRELATION_PENALTIES
+    assert set(penalties.names()) <= set(PENALTIES)  # every registered penalty can be swept
+    with pytest.raises(ConfigError, match="unknown penalty 't3'"):
+        penalty_of("t3")
