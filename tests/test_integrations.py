@@ -440,3 +440,73 @@ def test_readme_hf_snippet_runs_as_written(tmp_path, monkeypatch):
     ns = run_block("Hugging Face Trainer")
     logs = [h for h in ns["trainer"].state.log_history if "loss" in h]
     assert logs and all(h["decorrelation/neurons"] == 256.0 for h in logs)
+
+
+LIGHTNING_DDP_WORKER = r"""
+import os, sys, copy, torch
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[1])
+import lightning.pytorch as L
+from test_integrations import _Net, _loaders, WEIGHT
+from topodecorr.integrations.lightning import DecorrelationCallback
+
+class Grab(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.state = copy.deepcopy(pl_module.state_dict())
+        self.batch = [t.clone() for t in batch]
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()}
+
+grab = Grab()
+trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=2, strategy="ddp", num_nodes=1,
+                    callbacks=[DecorrelationCallback(penalty="t1", weight=WEIGHT), grab], logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+trainer.fit(_Net(), _loaders(batch=16)[0])
+torch.save({"state": grab.state, "batch": grab.batch, "grads": grab.grads},
+           sys.argv[2] + "." + str(trainer.global_rank))
+"""
+
+
+@pytest.mark.slow
+@needs_lightning
+def test_lightning_ddp_gradient_is_that_of_the_global_batch_penalty(tmp_path):
+    """Two CPU ranks (gloo): DDP's averaged gradient = mean task gradient + weight * grad T1(global batch)."""
+    import torch.distributed as dist
+    from processes import free_port, wait_all
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    here = os.path.dirname(os.path.abspath(__file__))
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "GROUP_RANK")}
+        env.update(OMP_NUM_THREADS="1", LOCAL_RANK=str(rank), NODE_RANK="0", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        procs.append(subprocess.Popen([sys.executable, "-c", LIGHTNING_DDP_WORKER, here, str(tmp_path / "res")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    wait_all(procs, 300)
+    res = [torch.load(tmp_path / f"res.{r}") for r in range(2)]
+    torch.testing.assert_close(res[0]["grads"], res[1]["grads"])  # DDP: the same gradient on every rank
+    module = _Net()
+    module.load_state_dict(res[0]["state"])
+    hs, outs, task = [], [], 0.0
+    for r in res:
+        x, y = r["batch"]
+        h = module.net[1](module.net[0](x))
+        out = module.net[2](h)
+        hs.append(h)
+        outs.append(out)
+        task = task + F.cross_entropy(out, y) / 2  # DDP averages the ranks' task gradients
+    assert not torch.equal(res[0]["batch"][0], res[1]["batch"][0])  # each rank had its own shard
+    (task + WEIGHT * _by_hand_t1([torch.cat(hs), torch.cat(outs)])).backward()
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(res[0]["grads"][name], p.grad, rtol=1e-5, atol=1e-6)
+    # per-shard penalties (no gather) would give a different gradient: the check can fail
+    module.zero_grad()
+    for r in res:
+        x, y = r["batch"]
+        h = module.net[1](module.net[0](x))
+        out = module.net[2](h)
+        ((F.cross_entropy(out, y) + WEIGHT * _by_hand_t1([h, out])) / 2).backward()
+    assert max(float((res[0]["grads"][n] - p.grad).abs().max()) for n, p in module.named_parameters()) > 1e-4
