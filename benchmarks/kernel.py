@@ -376,6 +376,47 @@ def bench_pipeline(n: int, args, timer: Timer, threads: int) -> list[dict]:
     return rows
 
 
+MANY_LAYERS = [64, 96, 128, 128, 160, 192, 256, 256, 256, 320, 384, 384, 448, 512, 512, 512, 512]  # 17 layers
+
+
+def bench_many(timer: Timer, threads: int, device: str = "cpu") -> list[dict]:
+    """17 point clouds of 64 ... 512 neurons (B = 256): one correlation_deaths_many vs a loop, fwd + bwd."""
+    acts = [make_acts(n, seed=k).to(device).requires_grad_(True) for k, n in enumerate(MANY_LAYERS)]
+    for r, a in zip(td.correlation_deaths_many(acts), acts):  # same trees before timing
+        if not torch.equal(r.edges, td.correlation_deaths(a).edges):
+            raise AssertionError("correlation_deaths_many and the loop disagree")
+
+    def clear():
+        for a in acts:
+            a.grad = None
+
+    def batched():
+        clear()
+        sum(td.t1(r.deaths) for r in td.correlation_deaths_many(acts)).backward()
+
+    def loop():
+        clear()
+        sum(td.t1(td.correlation_deaths(a).deaths) for a in acts).backward()
+
+    def batched_fwd():
+        with torch.no_grad():
+            td.correlation_deaths_many(acts)
+
+    def loop_fwd():
+        with torch.no_grad():
+            for a in acts:
+                td.correlation_deaths(a)
+
+    fns = {
+        "many: correlation_deaths_many -> T1, fwd+bwd": batched,
+        "many: loop of correlation_deaths -> T1, fwd+bwd": loop,
+        "many: correlation_deaths_many, forward": batched_fwd,
+        "many: loop of correlation_deaths, forward": loop_fwd,
+    }
+    t = Timer(timer.repeats, timer.warmup, device=device if device != "cpu" else None)
+    return t.measure_many(fns, n=sum(MANY_LAYERS), group="many", threads=threads, device=device)
+
+
 def bench_cuda(sizes: list[int], timer: Timer) -> list[dict]:
     rows = []
     dev = "cuda"
@@ -447,7 +488,7 @@ def summarise(rows: list[dict], sizes: list[int], threads: list[int]) -> tuple[l
         )
     cols = list(ratios[0]) if ratios else ["n"]
     md = ["## Ratios (medians, same run)", "", markdown_table(ratios, cols), ""]
-    parts = [("kernel", None), ("reference", None), ("cuda", None)]
+    parts = [("kernel", None), ("reference", None), ("cuda", None)] + [("many", th) for th in threads]
     parts += [(grp, th) for th in threads for grp in ("pipeline", "gram")]
     for group, th in parts:
         g = [r for r in rows if r["group"] == group and (th is None or r.get("threads") == th)]
@@ -474,6 +515,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-slow-n", type=int, default=4096, help="largest n for gudhi, ripser.py and SciPy")
     p.add_argument("--quick", action="store_true", help="n = 256, 1024; 3 repeats; no external references")
     p.add_argument("--no-pipeline", action="store_true")
+    p.add_argument("--many-only", action="store_true", help="only the many-trees comparison (17 layers, 64-512 neurons)")
     p.add_argument(
         "--threads",
         type=int,
@@ -498,7 +540,13 @@ def main(argv=None) -> int:
 
     rows: list[dict] = []
     default_threads = torch.get_num_threads()
-    for n in args.sizes:
+    for th in args.threads:
+        print(f"many trees, {th} torch threads ...", flush=True)
+        torch.set_num_threads(th)
+        rows += bench_many(timer, th)
+    if torch.cuda.is_available():
+        rows += bench_many(timer, default_threads, device="cuda")
+    for n in [] if args.many_only else args.sizes:
         print(f"n = {n}: kernels ...", flush=True)
         torch.set_num_threads(1)  # the kernels are single-threaded: so are the floor and the references
         rows += bench_kernels(n, args, timer, extra)
@@ -508,7 +556,7 @@ def main(argv=None) -> int:
                 torch.set_num_threads(th)
                 rows += bench_pipeline(n, args, timer, th)
     torch.set_num_threads(default_threads)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not args.many_only:
         rows += bench_cuda(args.sizes, timer)
     shutil.rmtree(build, ignore_errors=True)
 

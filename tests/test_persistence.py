@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import strategies as S
-from topodecorr import correlation, correlation_deaths, dissimilarity, mst_deaths
+import topodecorr as td
+from topodecorr import correlation, correlation_deaths, dissimilarity, mst_deaths, normalize_activations
 from topodecorr.persistence import Deaths
 
 ATOL = 1e-12
@@ -582,3 +583,105 @@ def test_fused_bad_kind_and_backend():
         correlation_deaths(acts, kind="cosine")
     with pytest.raises(ValueError, match="unknown backend"):
         correlation_deaths(acts, backend="gpu-magic")
+
+
+# --------------------------------------------------------------------------- many trees in one call
+
+
+def _layers(spec, dtype=torch.float64, seed=0):
+    """(B, n) activations per layer; lowrank families give spread, generic correlations."""
+    return [
+        torch.from_numpy(S.make_activations("lowrank" if n > 2 else "gaussian", B, n, seed=seed + k)).to(dtype)
+        for k, (B, n) in enumerate(spec)
+    ]
+
+
+# differing sample counts and sizes, two layers of equal shape (one bmm group on devices), n = 1 and 2
+MANY = [(40, 12), (40, 12), (25, 1), (64, 2), (33, 30), (40, 7), (50, 64)]
+
+
+def test_many_equals_single_in_edges_deaths_and_gradient(backend):
+    acts_many = [a.requires_grad_(True) for a in _layers(MANY)]
+    acts_one = [a.detach().clone().requires_grad_(True) for a in acts_many]
+    many = td.correlation_deaths_many(acts_many, backend=backend)
+    assert len(many) == len(MANY)
+    total_many, total_one = 0.0, 0.0
+    for (B, n), a1, r in zip(MANY, acts_one, many):
+        one = correlation_deaths(a1, backend=backend)
+        assert r.deaths.shape == (n - 1,) and r.edges.shape == (n - 1, 2)
+        assert torch.equal(r.edges, one.edges), f"layer with n = {n}: same tree as the single call"
+        assert torch.equal(r.deaths, one.deaths)
+        if n > 2:  # independent reference: SciPy's MST of an independent NumPy 1 - |corr|
+            ref = S.scipy_deaths(S.abs_corr_dissimilarity(a1.detach().numpy()))
+            np.testing.assert_allclose(r.deaths.detach().numpy(), ref, rtol=0, atol=1e-9)
+        w = torch.linspace(1.0, 2.0, max(n - 1, 1), dtype=torch.float64)[: n - 1]
+        total_many = total_many + (w * r.deaths).sum()
+        total_one = total_one + (w * one.deaths).sum()
+    total_many.backward()
+    total_one.backward()
+    for a, b in zip(acts_many, acts_one):
+        assert torch.equal(a.grad, b.grad), "the gradients equal the single-tree ones"
+
+
+@pytest.mark.parametrize("kind", ["abs", "sqrt"])
+def test_many_gradcheck(kind):
+    acts = [a.requires_grad_(True) for a in _layers([(9, 5), (7, 4)], seed=3)]
+
+    def f(a, b):
+        return torch.cat([r.deaths for r in td.correlation_deaths_many([a, b], kind=kind)])
+
+    assert torch.autograd.gradcheck(f, tuple(acts))
+
+
+def test_many_float32_and_dead_neurons(backend):
+    acts = _layers([(48, 20), (30, 9)], dtype=torch.float32, seed=5)
+    acts[1][:, 3] = 2.0  # a dead neuron: correlation 0 with every other one
+    acts = [a.requires_grad_(True) for a in acts]
+    many = td.correlation_deaths_many(acts, backend=backend)
+    for a, r in zip(acts, many):
+        one = correlation_deaths(a.detach(), backend=backend)
+        assert torch.equal(r.edges, one.edges) and torch.equal(r.deaths, one.deaths)
+    sum(r.deaths.sum() for r in many).backward()
+    assert torch.isfinite(acts[1].grad).all() and torch.all(acts[1].grad[:, 3] == 0)
+
+
+def test_many_reuses_given_edges_per_cloud():
+    acts = _layers([(30, 10), (30, 8)], seed=7)
+    first = td.correlation_deaths_many(acts)
+    later = _layers([(30, 10), (30, 8)], seed=9)
+    again = td.correlation_deaths_many(later, edges=[first[0].edges, None])
+    assert torch.equal(again[0].deaths, correlation_deaths(later[0], edges=first[0].edges).deaths)
+    assert torch.equal(again[1].edges, correlation_deaths(later[1]).edges)
+    with pytest.raises(ValueError, match=r"edges\[1\] must have shape \(7, 2\)"):
+        td.correlation_deaths_many(later, edges=[None, first[1].edges[:-1]])
+    with pytest.raises(ValueError, match="one entry .* per cloud"):
+        td.correlation_deaths_many(later, edges=[None])
+
+
+def test_many_errors():
+    with pytest.raises(ValueError, match="non-empty list"):
+        td.correlation_deaths_many([])
+    with pytest.raises(ValueError, match="non-empty list"):
+        td.correlation_deaths_many(torch.randn(8, 3))
+    with pytest.raises(ValueError, match="batch size 1"):
+        td.correlation_deaths_many([torch.randn(8, 3), torch.randn(1, 3)])
+    with pytest.raises(ValueError, match="unknown backend"):
+        td.correlation_deaths_many([torch.randn(8, 3)], backend="nope")
+
+
+def test_many_device_products_batch_equal_shapes_on_cpu():
+    """The accelerator product path (one bmm per (B, n) group), run on CPU tensors."""
+    from topodecorr.correlation import _bmm_products
+
+    zs = [normalize_activations(a)[0] for a in _layers(MANY, seed=11)]
+    for z, P in zip(zs, _bmm_products(zs)):
+        np.testing.assert_allclose(P.numpy(), z.numpy().T @ z.numpy(), rtol=0, atol=1e-12)
+
+
+def test_many_mixed_dtypes_keep_each_precision(backend):
+    acts = _layers([(40, 15), (40, 15)], seed=13)
+    acts[1] = acts[1].float()
+    many = td.correlation_deaths_many(acts, backend=backend)
+    for a, r in zip(acts, many):
+        assert r.deaths.dtype == a.dtype
+        assert torch.equal(r.edges, correlation_deaths(a, backend=backend).edges)

@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "t2": "penalties",
     "Deaths": "persistence",
     "correlation_deaths": "persistence",
+    "correlation_deaths_many": "persistence",
     "mst_deaths": "persistence",
     "available_backends": "_kernels",
     "Decorrelation": "capture",
@@ -62,6 +63,7 @@ __all__ = [
     "available_backends",
     "correlation",
     "correlation_deaths",
+    "correlation_deaths_many",
     "decov",
     "dissimilarity",
     "l1",
@@ -80,7 +82,7 @@ if TYPE_CHECKING:  # the eager form, for type checkers and editors
     from .functional import decorrelation_penalty
     from .inspection import LayerRedundancy, NeuronPair, RedundancyReport, inspect
     from .penalties import decov, l1, l2, mean_abs_correlation, t1, t2
-    from .persistence import Deaths, correlation_deaths, mst_deaths
+    from .persistence import Deaths, correlation_deaths, correlation_deaths_many, mst_deaths
     from .sampling import select_neurons
 
 

@@ -24,10 +24,16 @@ from typing import NamedTuple
 
 import torch
 
-from ._kernels import matrix_stats, mst_edges
-from .correlation import correlation_product, dissimilarity, normalize_activations, pair_correlations
+from ._kernels import matrix_stats, mst_edges, mst_edges_many
+from .correlation import (
+    correlation_product,
+    correlation_products,
+    dissimilarity,
+    normalize_activations,
+    pair_correlations,
+)
 
-__all__ = ["Deaths", "mst_deaths", "correlation_deaths", "check_dissimilarity"]
+__all__ = ["Deaths", "mst_deaths", "correlation_deaths", "correlation_deaths_many", "check_dissimilarity"]
 
 
 class Deaths(NamedTuple):
@@ -211,10 +217,77 @@ def correlation_deaths(
     if edges is None:
         edges = mst_edges(correlation_product(z, block=gram_block), abs_corr=True, backend=backend)
     else:
-        if edges.shape != (n - 1, 2):
-            raise ValueError(f"edges must have shape ({n - 1}, 2) for {n} neurons, got {tuple(edges.shape)}")
-        edges = edges.to(z.device)
+        edges = _given_edges(edges, n, z.device)
+    return _tree_deaths(z, edges, kind)
+
+
+def _given_edges(edges: torch.Tensor, n: int, device: torch.device, what: str = "edges") -> torch.Tensor:
+    if edges.shape != (n - 1, 2):
+        raise ValueError(f"{what} must have shape ({n - 1}, 2) for {n} neurons, got {tuple(edges.shape)}")
+    return edges.to(device)
+
+
+def _tree_deaths(z: torch.Tensor, edges: torch.Tensor, kind: str) -> Deaths:
+    """Deaths of the tree ``edges`` recomputed with gradient from the normalised activations ``z``."""
     lo, hi = _ordered_pairs(edges)
     with torch.autocast(device_type=z.device.type, enabled=False):
         d = dissimilarity(pair_correlations(z, lo, hi), kind)
     return _sorted(d, lo, hi)
+
+
+def correlation_deaths_many(
+    acts: list[torch.Tensor],
+    kind: str = "abs",
+    backend: str = "auto",
+    edges: list[torch.Tensor | None] | None = None,
+) -> list[Deaths]:
+    """:func:`correlation_deaths` of many point clouds (one per layer) with one kernel call.
+
+    Each result equals ``correlation_deaths(acts[l], kind, backend, edges[l])``
+    in edges, deaths and gradient. What is shared: the MST kernel runs once for
+    all trees (numba: one parallel call over the layers, ``prange`` with torch's
+    thread count; accelerators: one batched Boruvka), and on accelerators the
+    correlation products of layers with the same (B, n) share one ``bmm``.
+
+    Parameters
+    ----------
+    acts : list of Tensor, shapes (B_l, n_l)
+        Activations of each cloud, all on one device; sample counts may differ.
+    kind, backend
+        As in :func:`correlation_deaths`.
+    edges : list of (LongTensor (n_l - 1, 2) or None), optional
+        Trees to reuse per cloud (``None`` entries are found).
+
+    Returns
+    -------
+    list of Deaths, one per cloud.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> layers = [torch.randn(32, 6, generator=g), torch.randn(32, 4, generator=g)]
+    >>> many = correlation_deaths_many(layers)
+    >>> [torch.equal(r.deaths, correlation_deaths(a).deaths) for r, a in zip(many, layers)]
+    [True, True]
+    """
+    if not isinstance(acts, (list, tuple)) or not acts:
+        raise ValueError("acts must be a non-empty list of (batch, neurons) tensors, one per point cloud")
+    if edges is not None and len(edges) != len(acts):
+        raise ValueError(f"edges must have one entry (or None) per cloud: {len(acts)} clouds, {len(edges)} entries")
+    zs = [normalize_activations(a)[0] for a in acts]
+    devices = {z.device for z in zs}
+    if len(devices) > 1:
+        raise ValueError(f"all activations must be on one device, got {sorted(map(str, devices))}")
+    given = edges if edges is not None else [None] * len(zs)
+    find = [l for l, z in enumerate(zs) if z.shape[1] > 1 and given[l] is None]
+    found = dict(zip(find, mst_edges_many(correlation_products([zs[l] for l in find]), True, backend)))
+    out = []
+    for l, z in enumerate(zs):
+        n = z.shape[1]
+        if n <= 1:
+            out.append(_empty(z))
+            continue
+        e = found[l] if l in found else _given_edges(given[l], n, z.device, what=f"edges[{l}]")
+        out.append(_tree_deaths(z, e, kind))
+    return out

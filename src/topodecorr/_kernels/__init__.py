@@ -74,14 +74,18 @@ def _run_numba_many(mats: list[torch.Tensor], abs_corr: bool) -> list[torch.Tens
     from . import numba_prim
 
     arrays = [_host_array(M) for M in mats]
-    if len({a.dtype for a in arrays}) > 1:  # one buffer per dtype (mixed float32 / float64 input)
-        arrays = [a.astype(np.float64) for a in arrays]
+    groups: dict = {}  # one call per dtype (each tree keeps the precision the single call has)
+    for l, a in enumerate(arrays):
+        groups.setdefault(a.dtype, []).append(l)
+    out: list = [None] * len(arrays)
     with _parallel_lock:
         # as many threads as torch uses (torch.set_num_threads is the one knob), at most numba's pool
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         with numba.parallel_chunksize(1):  # hand out one tree at a time, largest first
-            edges = numba_prim.prim_many(arrays, abs_corr)
-    return [torch.from_numpy(e) for e in edges]
+            for idx in groups.values():
+                for l, e in zip(idx, numba_prim.prim_many([arrays[l] for l in idx], abs_corr)):
+                    out[l] = torch.from_numpy(e)
+    return out
 
 
 def _run_numpy(M: torch.Tensor, abs_corr: bool) -> torch.Tensor:
