@@ -31,7 +31,7 @@ What is timed, per number of neurons n (float32, B = 256 samples):
 
 Fast candidates are timed interleaved (round-robin) so that the machine's
 background load hits them alike; ratios are taken within one run. Results:
-``benchmarks/results/kernel.{json,csv,md}``.
+``benchmarks/out/kernel.{json,csv,md}``.
 """
 
 from __future__ import annotations
@@ -523,7 +523,7 @@ def main(argv=None) -> int:
         default=[1, 2],
         help="torch thread counts for the pipeline; kernels and references always run with 1",
     )
-    p.add_argument("--name", default="kernel", help="results file stem under benchmarks/results/")
+    p.add_argument("--name", default="kernel", help="results file stem under benchmarks/out/")
     args = p.parse_args(argv)
     if args.sizes is None:
         args.sizes = [256, 1024] if args.quick else [256, 512, 1024, 2048, 4096]

@@ -28,7 +28,7 @@ of the sum of deaths (the quantity T1 depends on), and the largest absolute
 difference between the sorted death vectors. The tree's weight can only be
 >= the exact MST weight, so the error is one-sided.
 
-Results: ``benchmarks/results/overhead.{json,csv,md}``.
+Results: ``benchmarks/out/overhead.{json,csv,md}``.
 """
 
 from __future__ import annotations

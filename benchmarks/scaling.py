@@ -30,7 +30,7 @@ median epoch time over the run's epochs, per optimiser step. In global-batch
 mode every rank computes the same spanning tree of all neurons, so only the
 network's forward and backward are divided among the ranks.
 
-Results: ``benchmarks/results/scaling.{json,csv,md}``.
+Results: ``benchmarks/out/scaling.{json,csv,md}``.
 """
 
 from __future__ import annotations
