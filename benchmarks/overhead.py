@@ -121,7 +121,7 @@ def refresh_accuracy(steps: int, refresh_every: int, weight: float = 1e-3):
             loss.backward()
             opt.step()
             approx = reg.last_deaths
-            exact = topodecorr.decorrelation_penalty(acts, "t1", return_result=True).deaths[0]
+            exact = topodecorr.decorrelation_result(acts, "t1").deaths[0]
             a_sum, e_sum = float(approx.sum()), float(exact.sum())
             rel.append((a_sum - e_sum) / e_sum)
             maxabs.append(float((approx.sort().values - exact.sort().values).abs().max()))

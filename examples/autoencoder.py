@@ -50,8 +50,7 @@ def train(penalty: str, weight: float, epochs: int, seed: int = 0) -> dict:
     with torch.no_grad():
         code = model.encoder(Xte)
         err = nn.functional.mse_loss(model.decoder(code), Xte).item()
-        deaths = topodecorr.decorrelation_penalty([code], "t1", output_layers=[False],
-                                                  return_result=True).deaths[0]
+        deaths = topodecorr.decorrelation_result([code], "t1", output_layers=[False]).deaths[0]
     return {"mse": err, "mean_death": deaths.mean().item(), "model": model, "last_stats": reg.last_stats}
 
 

@@ -56,7 +56,7 @@ def train(penalty: str, weight: float, epochs: int, seed: int = 0) -> dict:
     with torch.no_grad():
         acts = layer_outputs(model, Xte)
         acc = (acts[-1].argmax(1) == yte).float().mean().item()
-        deaths = topodecorr.decorrelation_penalty(acts, "t1", return_result=True).deaths[0]
+        deaths = topodecorr.decorrelation_result(acts, "t1").deaths[0]
     return {"accuracy": acc, "mean_death": deaths.mean().item(), "last_stats": reg.last_stats}
 
 

@@ -44,8 +44,7 @@ def train(penalty: str, weight: float, epochs: int, seed: int = 0) -> dict:
         h1 = model[1](model[0](Xte))
         h2 = model[3](model[2](h1))
         mse = nn.functional.mse_loss(model[4](h2).squeeze(1), yte).item()
-        deaths = topodecorr.decorrelation_penalty([h1, h2], "t1", output_layers=[False, False],
-                                                  return_result=True).deaths[0]
+        deaths = topodecorr.decorrelation_result([h1, h2], "t1", output_layers=[False, False]).deaths[0]
     return {"mse": mse, "mean_death": deaths.mean().item(), "last_stats": reg.last_stats}
 
 

@@ -615,3 +615,38 @@ def test_channel_mode_per_layer_clouds_with_their_own_sample_counts():
         td.Decorrelation(m, mode="tokens")
     with pytest.raises(ValueError, match="layers is empty"):
         td.Decorrelation(m, layers=[])
+
+
+def test_penalty_twice_after_one_forward_says_the_activations_were_used():
+    m = _mlp()
+    with td.Decorrelation(m) as reg:
+        m(torch.randn(10, 5))
+        reg.penalty()
+        with pytest.raises(RuntimeError, match="the previous penalty\\(\\) call already used these activations"):
+            reg.penalty()
+        m(torch.randn(10, 5))  # a new forward: fine again
+        assert torch.isfinite(reg.penalty())
+    with pytest.raises(TypeError):
+        td.Decorrelation(m, count=3)  # the alias is gone: per_layer_count
+    with pytest.raises(TypeError):
+        td.Decorrelation(m, "auto", "t1")  # options are keyword-only
+
+
+def test_max_samples_in_the_hooked_regulariser_is_seeded_and_checked():
+    from references import reference_penalty
+
+    torch.manual_seed(19)
+    m = _cnn()
+    x = torch.randn(16, 2, 6, 6)  # first map: 16 * 36 = 576 rows
+    values = []
+    for seed in (0, 0, 1):
+        with td.Decorrelation(m, layers=[m[1]], mode="channel", max_samples=100, seed=seed, weight=1.0) as reg:
+            m(x)
+            values.append(float(reg.penalty()))
+            assert reg.last_stats.clouds == (3,)
+    assert values[0] == values[1] and values[0] != values[2]
+    full = reference_penalty([m[1](m[0](x)).movedim(1, -1).reshape(-1, 3)], "t1")
+    assert abs(values[0] - float(full)) < 0.5  # 100 of 576 rows: close to the full-sample value
+    for bad in (1, 0, 3.0):
+        with pytest.raises(ValueError, match="max_samples"):
+            td.Decorrelation(m, max_samples=bad)

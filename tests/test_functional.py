@@ -48,7 +48,7 @@ def test_importance_sampling_uses_same_neurons_for_every_penalty():
         ("mean_abs_corr", td.mean_abs_correlation(td.correlation(ref_x))),
         ("decov", td.decov(ref_x)),
     ):
-        res = td.decorrelation_penalty([h, out], pen, sampling="importance", fraction=0.1, return_result=True)
+        res = td.decorrelation_result([h, out], pen, sampling="importance", fraction=0.1)
         torch.testing.assert_close(res.value, ref)
         assert res.neurons == 15
 
@@ -65,8 +65,8 @@ def test_per_layer_sums_and_none_is_zero_with_graph():
 def test_edges_reuse_recomputes_deaths_on_old_tree():
     g = torch.Generator().manual_seed(4)
     a, a2 = torch.randn(20, 9, generator=g), torch.randn(20, 9, generator=g)
-    r = td.decorrelation_penalty([a], "t1", return_result=True)
-    r2 = td.decorrelation_penalty([a2], "t1", indices=r.indices, edges=r.edges, return_result=True)
+    r = td.decorrelation_result([a], "t1")
+    r2 = td.decorrelation_result([a2], "t1", indices=r.indices, edges=r.edges)
     D2 = td.dissimilarity(td.correlation(a2))
     e = r.edges[0]
     torch.testing.assert_close(r2.deaths[0].sort().values, D2[e[:, 0], e[:, 1]].sort().values)
@@ -100,7 +100,7 @@ def _with_dead_columns(seed=0, batch=64, live=7, dead=3):
 
 def test_dead_neurons_keep_is_the_papers_convention():
     acts, _ = _with_dead_columns()
-    r = td.decorrelation_penalty([acts], "t1", dead_neurons="keep", return_result=True)
+    r = td.decorrelation_result([acts], "t1", dead_neurons="keep")
     deaths = torch.cat(r.deaths)
     assert r.neurons == 10 and deaths.numel() == 9
     # every dead neuron is uncorrelated with everything: it joins the tree with a death of exactly 1
@@ -111,7 +111,7 @@ def test_dead_neurons_keep_is_the_papers_convention():
 def test_dead_neurons_drop_equals_the_live_cloud():
     acts, live = _with_dead_columns()
     acts.requires_grad_(True)
-    r = td.decorrelation_penalty([acts], "t1", dead_neurons="drop", return_result=True)
+    r = td.decorrelation_result([acts], "t1", dead_neurons="drop")
     ref = td.correlation_deaths(live).deaths
     torch.testing.assert_close(torch.cat(r.deaths), ref)
     assert r.neurons == 7 and int(r.dead) == 3  # the dead are counted, not in the cloud
@@ -127,7 +127,7 @@ def test_dead_neurons_drop_all_dead_or_one_live_gives_zero_not_nan():
         v = td.decorrelation_penalty([acts], penalty, dead_neurons="drop")
         assert float(v) == 0.0
     one = torch.cat([torch.randn(32, 1), torch.zeros(32, 3)], dim=1)
-    r = td.decorrelation_penalty([one], "t2", dead_neurons="drop", return_result=True)
+    r = td.decorrelation_result([one], "t2", dead_neurons="drop")
     assert float(r.value) == 0.0 and r.neurons == 1 and int(r.dead) == 3
 
 
@@ -166,8 +166,8 @@ def test_per_layer_clouds_have_their_own_samples_value_and_gradient(penalty):
         torch.randn(64, 9, generator=g, dtype=torch.float64).requires_grad_(),
         torch.randn(16, 4, generator=g, dtype=torch.float64).requires_grad_(),
     ]
-    r = td.decorrelation_penalty(acts, penalty, weight=0.5, pooled=False, alpha=0.3, return_result=True)
-    assert r.clouds == [6, 9, 4] and r.neurons == 19
+    r = td.decorrelation_result(acts, penalty, weight=0.5, pooled=False, alpha=0.3)
+    assert r.clouds == (6, 9, 4) and r.neurons == 19
     assert [d.numel() for d in r.deaths] == [5, 8, 3]
     q = 0.5 * reference_penalty(acts, penalty, alpha=0.3)
     torch.testing.assert_close(r.value, q)
@@ -226,3 +226,102 @@ def test_channel_mode_rows_are_batch_times_positions():
 def test_modes_that_do_not_fit_the_shape_are_clear_errors(x, mode, msg):
     with pytest.raises(ValueError, match=msg):
         flatten_activation(x, mode)
+
+
+# --------------------------------------------------------------------------- row subsampling
+
+
+def _rows_used(full: torch.Tensor, sub: torch.Tensor) -> list[int]:
+    """Which rows of ``full`` make up ``sub`` (rows are distinct random vectors)."""
+    hits = (sub[:, None, :] == full.detach()[None, :, :]).all(-1)
+    assert bool((hits.sum(1) == 1).all()), "every drawn row is one original row"
+    return hits.float().argmax(1).tolist()
+
+
+def test_max_samples_draws_rows_without_replacement_and_equals_the_reference_on_them():
+    from references import reference_penalty
+
+    g = torch.Generator().manual_seed(21)
+    a = torch.randn(500, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(120, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    r = td.decorrelation_result([a, b], "t1", pooled=False, max_samples=64, generator=torch.Generator().manual_seed(0))
+    rows_a = _rows_used(a, r.groups[0])
+    rows_b = _rows_used(b, r.groups[1])
+    assert len(rows_a) == len(set(rows_a)) == 64 and len(rows_b) == len(set(rows_b)) == 64
+    q = reference_penalty([a[rows_a], b[rows_b]], "t1")
+    torch.testing.assert_close(r.value, q)
+    ga, gb = torch.autograd.grad(r.value, [a, b])
+    ha, hb = torch.autograd.grad(q, [a, b])
+    torch.testing.assert_close(ga, ha)
+    torch.testing.assert_close(gb, hb)
+    unused = sorted(set(range(500)) - set(rows_a))
+    assert bool((ga[unused] == 0).all()) and float(ga[rows_a].abs().sum()) > 0
+
+
+def test_max_samples_pooled_layers_share_their_rows_and_small_layers_are_whole():
+    g = torch.Generator().manual_seed(22)
+    a = torch.randn(400, 4, generator=g, dtype=torch.float64)
+    # b duplicates a's columns: only the same rows on both sides keep them perfectly correlated
+    r = td.decorrelation_result([a, a.clone()], "t1", max_samples=50, generator=torch.Generator().manual_seed(1))
+    assert r.clouds == (8,) and r.groups[0].shape == (50, 8)
+    assert int((r.deaths[0] < 1e-12).sum()) == 4
+    # a layer with no more rows than max_samples is used whole: the exact full-sample value
+    small = torch.randn(40, 5, generator=g)
+    torch.testing.assert_close(
+        td.decorrelation_penalty([small], "t2", max_samples=40), td.decorrelation_penalty([small], "t2")
+    )
+
+
+def test_max_samples_is_seeded_and_checked():
+    a = torch.randn(300, 5, generator=torch.Generator().manual_seed(23))
+
+    def value(seed):
+        return td.decorrelation_penalty([a], "t1", max_samples=32, generator=torch.Generator().manual_seed(seed))
+
+    assert float(value(3)) == float(value(3)) and float(value(3)) != float(value(4))
+    for bad in (1, 0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="max_samples must be an integer >= 2"):
+            td.decorrelation_penalty([a], "t1", max_samples=bad)
+
+
+def test_result_is_frozen_and_its_dead_count_lazy():
+    import dataclasses
+
+    acts, _ = _with_dead_columns(seed=5)
+    r = td.decorrelation_result([acts.requires_grad_()], "t1")
+    assert r.value.requires_grad and r.deaths[0].requires_grad
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.value = torch.zeros(())
+    assert "dead" not in r.__dict__  # nothing computed until asked
+    assert int(r.dead) == 3 and "dead" in r.__dict__
+    d = r.detached()
+    assert not d.value.requires_grad and not d.deaths[0].requires_grad and int(d.dead) == 3
+    assert isinstance(td.decorrelation_penalty([acts], "t1"), torch.Tensor)
+    with pytest.raises(TypeError):
+        td.decorrelation_penalty([acts], "t1", return_result=True)  # one function per return type
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(dissimilarity="cos"), r"unknown dissimilarity 'cos'; choose one of \('abs', 'sqrt'\)"),
+        (dict(sampling="best"), "unknown sampling 'best'"),
+        (dict(fraction=1.5), r"fraction must lie in \(0, 1\]"),
+        (dict(alpha=2.0), r"alpha \(T2's trade-off\) must lie in \[0, 1\]"),
+        (dict(dead_neurons="zero"), "unknown dead_neurons 'zero'"),
+        (dict(max_samples=1), "max_samples must be an integer >= 2"),
+        (dict(weight=float("nan")), "weight must be a finite number >= 0"),
+        (dict(weight=-1.0), "weight must be a finite number >= 0"),
+    ],
+)
+def test_pipeline_and_hooks_share_their_argument_checks(kw, msg):
+    from torch import nn
+
+    acts = [torch.randn(8, 3)]
+    with pytest.raises(ValueError, match=msg):
+        td.decorrelation_penalty(acts, **kw)
+    with pytest.raises(ValueError, match=msg):
+        td.Decorrelation(nn.Sequential(nn.Linear(3, 2)), **kw)
+    if "sampling" in kw or "fraction" in kw:
+        with pytest.raises(ValueError, match=msg):
+            td.select_neurons(acts, [False], kw.get("sampling", "importance"), kw.get("fraction", 1.0))

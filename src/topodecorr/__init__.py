@@ -40,6 +40,8 @@ _EXPORTS: dict[str, str] = {
     "Decorrelation": "capture",
     "StepStats": "capture",
     "decorrelation_penalty": "functional",
+    "decorrelation_result": "functional",
+    "PenaltyResult": "functional",
     "select_neurons": "sampling",
     "LayerRedundancy": "inspection",
     "NeuronPair": "inspection",
@@ -54,6 +56,8 @@ __all__ = [
     "Decorrelation",
     "StepStats",
     "decorrelation_penalty",
+    "decorrelation_result",
+    "PenaltyResult",
     # `inspect` itself is left out of __all__: `from topodecorr import *` must not shadow
     # the standard library's inspect module; use td.inspect or import it by name
     "RedundancyReport",
@@ -79,7 +83,7 @@ if TYPE_CHECKING:  # the eager form, for type checkers and editors
     from ._kernels import available_backends
     from .capture import Decorrelation, StepStats
     from .correlation import NonFiniteActivationsError, correlation, dissimilarity, normalize_activations
-    from .functional import decorrelation_penalty
+    from .functional import PenaltyResult, decorrelation_penalty, decorrelation_result
     from .inspection import LayerRedundancy, NeuronPair, RedundancyReport, inspect
     from .penalties import decov, l1, l2, mean_abs_correlation, t1, t2
     from .persistence import Deaths, correlation_deaths, correlation_deaths_many, mst_deaths

@@ -86,17 +86,15 @@ count. Removing hooks (``close()``) is honoured: nothing is captured after it.
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from . import _checks
 from .correlation import NonFiniteActivationsError
-from .functional import DEAD_NEURONS, KINDS, MODES, decorrelation_penalty, flatten_activation
+from .functional import MODES, PenaltyResult, decorrelation_result, flatten_activation
 from .monitor import as_logger
-from .penalties import lookup
-from .sampling import SAMPLINGS
 
 __all__ = ["Decorrelation", "StepStats", "ACTIVATION_MODULES"]
 
@@ -108,6 +106,19 @@ _WEIGHTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SPATIAL_CONVS = (nn.Conv2d, nn.Conv3d)
 # packages whose activation classes are plain nn.Module subclasses
 _ACTIVATION_PACKAGES = ("transformers.activations", "timm.layers.activations", "timm.models.layers.activations")
+
+
+@dataclass(frozen=True)
+class _TreeCache:
+    """What ``refresh_every`` reuses between tree rebuilds: the sampling, trees and live sets of one step.
+
+    ``shape`` (neurons per captured layer) must match for the reuse to apply.
+    """
+
+    shape: tuple[int, ...]
+    indices: tuple
+    edges: tuple
+    live: tuple
 
 
 @dataclass(frozen=True)
@@ -255,7 +266,8 @@ class Decorrelation:
     ----------
     model : nn.Module
     layers : "auto" | list of nn.Module | list of str
-        Which layer outputs are neurons (see the module docstring).
+        Which layer outputs are neurons (see the module docstring). The
+        remaining parameters are keyword-only.
     penalty : {"t1", "t2", "mean_abs_corr", "decov", "none"}
     weight : float
         lambda; :meth:`penalty` returns ``weight * T``.
@@ -264,7 +276,7 @@ class Decorrelation:
     fraction : float
         p for importance sampling (the paper: 1.0 for MLPs, 0.005 for CNNs).
     per_layer_count : int, optional
-        Neurons per hidden layer for ``"fixed"`` / ``"random"`` (alias: ``count``).
+        Neurons per hidden layer for ``"fixed"`` / ``"random"``.
     pooled : bool, optional
         One point cloud for all layers (the paper; the layers must have the
         same number of samples) or one per layer, each with its own samples,
@@ -277,6 +289,12 @@ class Decorrelation:
         the last dimension (transformers). Default: ``"features_last"`` for the
         transformer rule of ``layers="auto"``, ``"flatten"`` otherwise; a mode
         given here applies to every captured layer.
+    max_samples : int >= 2, optional
+        Rows (samples) drawn per point cloud and step, without replacement
+        from the seeded generator, before correlating: for layers with huge
+        sample counts (a 64-channel 32 x 32 map in channel mode has B x 1024
+        rows). None: every row. See BENCHMARKS.md "Row subsampling" for how
+        close the deaths stay.
     every : int
         Regularise on every k-th step only; other steps return 0 and capture nothing.
     refresh_every : int
@@ -288,7 +306,7 @@ class Decorrelation:
     alpha : float
         T2's trade-off.
     seed : int
-        Seeds the generator of ``sampling="random"``.
+        Seeds the generator of ``sampling="random"`` and of ``max_samples``.
     distributed : {"global", "local"}
         Under ``torch.distributed``: gather the activations of every rank (with
         gradient) and compute the penalty on the global batch, identical on all
@@ -305,8 +323,6 @@ class Decorrelation:
         correlation 0 (``"keep"``, the paper's convention: each adds a death of
         1, so T1 / T2 reward them) or leave it (``"drop"``); either way
         :attr:`last_stats` counts them as dead.
-    count : int, optional
-        Alias of ``per_layer_count``.
     log : SummaryWriter, callable or topodecorr.monitor.StatsLogger, optional
         Receives every regularised step's statistics (penalty, neurons, dead,
         min / mean / max death): a ``StatsLogger(sink, every=k)`` logs every k
@@ -330,6 +346,7 @@ class Decorrelation:
         self,
         model: nn.Module,
         layers="auto",
+        *,
         penalty: str = "t1",
         weight: float = 1e-3,
         dissimilarity: str = "abs",
@@ -338,88 +355,63 @@ class Decorrelation:
         per_layer_count: int | None = None,
         pooled: bool | None = None,
         mode: str | None = None,
+        max_samples: int | None = None,
         every: int = 1,
         refresh_every: int = 1,
         alpha: float = 0.5,
         seed: int = 0,
+        dead_neurons: str = "keep",
         distributed: str = "global",
         on_nonfinite: str = "raise",
         capture_in_eval: bool = False,
         backend: str = "auto",
-        count: int | None = None,
-        dead_neurons: str = "keep",
         log=None,
     ):
-        if count is not None and per_layer_count is not None and count != per_layer_count:
-            raise ValueError("pass per_layer_count or its alias count, not both")
-        count = per_layer_count if per_layer_count is not None else count
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self._entry = lookup(penalty, KINDS)
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
-        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-            raise ValueError(f"alpha (T2's trade-off) must lie in [0, 1], got {alpha!r}")
-        if count is not None and not (isinstance(count, int) and count >= 1):
-            raise ValueError(f"per_layer_count must be a positive number of neurons per layer, got {count!r}")
-        if dissimilarity not in ("abs", "sqrt"):
-            raise ValueError(f"unknown dissimilarity {dissimilarity!r}; choose 'abs' or 'sqrt'")
-        if sampling not in SAMPLINGS:
-            raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-        if sampling == "fixed" and count is None:
-            raise ValueError("sampling='fixed' needs per_layer_count=<neurons per hidden layer>")
-        if mode is not None and mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        self._entry = _checks.pipeline(penalty, weight, dissimilarity, sampling, fraction, per_layer_count,
+                                       alpha, dead_neurons, max_samples, count_name="per_layer_count")
+        if mode is not None:
+            _checks.choice("mode", mode, MODES)
         if pooled is not None and not isinstance(pooled, bool):
             raise TypeError(f"pooled must be True, False or None (the default), got {pooled!r}")
-        for name, k in (("every", every), ("refresh_every", refresh_every)):
-            if not (isinstance(k, int) and k >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
-        if distributed not in ("global", "local"):
-            raise ValueError(f"distributed must be 'global' or 'local', got {distributed!r}")
-        if dead_neurons not in DEAD_NEURONS:
-            raise ValueError(f"unknown dead_neurons {dead_neurons!r}; choose one of {DEAD_NEURONS}")
-        if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        _checks.integer("every", every, 1)
+        _checks.integer("refresh_every", refresh_every, 1)
+        _checks.choice("distributed", distributed, ("global", "local"))
+        _checks.choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
         # torch.compile's wrapper: hooks go on the module it compiled (dynamo honours hooks
         # on the inner modules; a forward hook on the wrapper itself breaks its tracing)
         inner = getattr(model, "_orig_mod", None)
         if isinstance(inner, nn.Module):
             model = inner
         self.model = model
-        self.penalty_name = penalty
-        self.weight = float(weight)
-        self.dissimilarity = dissimilarity
-        self.sampling = sampling
-        self.fraction = fraction
-        self.count = count
-        self.every = every
-        self.refresh_every = refresh_every
-        self.alpha = alpha
-        self.distributed = distributed
-        self.on_nonfinite = on_nonfinite
-        self.capture_in_eval = capture_in_eval
-        self.backend = backend
-        self.dead_neurons = dead_neurons
-        self.log = as_logger(log)
-        self.generator = torch.Generator().manual_seed(seed)
         chosen = _resolve_layers(model, layers, mode)
         self.modules, self.modes, self._capture_output = chosen.modules, chosen.modes, chosen.capture_output
         self.mode = mode
         self.pooled = (not chosen.transformer) if pooled is None else pooled
+        self.penalty_name = penalty
+        self.weight = float(weight)
+        # the pipeline's options, passed to decorrelation_result on every regularised step
+        self._options = dict(
+            dissimilarity=dissimilarity, sampling=sampling, fraction=fraction, count=per_layer_count,
+            pooled=self.pooled, alpha=alpha, max_samples=max_samples, dead_neurons=dead_neurons, backend=backend,
+        )
+        self.every = every
+        self.refresh_every = refresh_every
+        self.distributed = distributed
+        self.on_nonfinite = on_nonfinite
+        self.capture_in_eval = capture_in_eval
+        self.log = as_logger(log)
+        self.generator = torch.Generator().manual_seed(seed)
         self.step = 0  # number of penalty() calls
         self.skipped = 0
         self._regularised = 0  # number of steps that computed a penalty
         self._handles: list = []
         self._captured: list[tuple[int, torch.Tensor]] = []
         self._output: torch.Tensor | None = None
-        self._cache_indices = None
-        self._cache_edges = None
-        self._cache_live = None
-        self._cache_shape = None
-        self._last = None
+        self._used = False  # the last penalty() used the captured activations and nothing was captured since
+        self._tree: _TreeCache | None = None
+        self._last: tuple[int, PenaltyResult] | None = None
 
     # -- hooks -----------------------------------------------------------------
     def _active(self) -> bool:
@@ -433,6 +425,7 @@ class Decorrelation:
         def hook(module, inputs, output):
             if self._active() and isinstance(output, torch.Tensor):
                 self._captured.append((idx, output))
+                self._used = False
 
         return hook
 
@@ -442,6 +435,7 @@ class Decorrelation:
             # in a hooked Linear): count that tensor once, as the output layer
             self._captured = [(i, t) for i, t in self._captured if t is not output]
             self._output = output
+            self._used = False
 
     def attach(self) -> "Decorrelation":
         """Register the forward hooks (idempotent)."""
@@ -490,6 +484,11 @@ class Decorrelation:
             if not acts:
                 if not self._handles:
                     raise RuntimeError("Decorrelation is not attached: use `with reg:` or reg.attach()")
+                if self._used:
+                    raise RuntimeError(
+                        "the previous penalty() call already used these activations; run a new forward "
+                        "pass before the next penalty() (each forward's activations give one penalty)"
+                    )
                 raise RuntimeError(
                     "no activations were captured: call penalty() after a forward pass in training mode "
                     "with gradients enabled (or set capture_in_eval=True); with torch.compile, attach "
@@ -499,6 +498,7 @@ class Decorrelation:
             if self._output is not None:
                 is_output[-1] = True
             acts = self._gather(acts)
+            self._used = True
             try:
                 return self._compute(acts, is_output)
             except NonFiniteActivationsError:
@@ -522,42 +522,28 @@ class Decorrelation:
 
     def _compute(self, acts, is_output) -> torch.Tensor:
         shape = tuple(a.shape[1] for a in acts)
-        reuse = (
-            self._entry.kind == "deaths"
-            and self.refresh_every > 1
-            and self._cache_edges is not None
-            and self._cache_shape == shape
-            and self._regularised % self.refresh_every != 0
-        )
-        res = decorrelation_penalty(
+        tree = self._tree if self._regularised % self.refresh_every != 0 else None
+        if tree is not None and tree.shape != shape:
+            tree = None  # the layers changed width (another model path): build a new tree
+        res = decorrelation_result(
             acts,
             self.penalty_name,
             self.weight,
-            dissimilarity=self.dissimilarity,
-            sampling=self.sampling,
-            fraction=self.fraction,
-            count=self.count,
             output_layers=is_output,
-            pooled=self.pooled,
-            alpha=self.alpha,
             generator=self.generator,
-            indices=self._cache_indices if reuse else None,
-            edges=self._cache_edges if reuse else None,
-            live=self._cache_live if reuse else None,
-            dead_neurons=self.dead_neurons,
-            backend=self.backend,
-            return_result=True,
+            indices=tree.indices if tree else None,
+            edges=tree.edges if tree else None,
+            live=tree.live if tree else None,
+            **self._options,
         )
         self._regularised += 1
-        if self._entry.kind == "deaths" and self.refresh_every > 1 and not reuse:
-            self._cache_indices, self._cache_edges, self._cache_shape = res.indices, res.edges, shape
-            self._cache_live = res.live
+        if tree is None and self.refresh_every > 1 and self._entry.kind == "deaths":
+            self._tree = _TreeCache(shape, res.indices, res.edges, res.live)
         value = res.value
         if not bool(torch.isfinite(value)):
             return self._nonfinite(f"the {self.penalty_name} penalty is {value.item()}")
         # keep only detached statistics: the graph of this step is the loss's to free
-        res.deaths = [d.detach() for d in res.deaths]
-        self._last = (self.step, res)
+        self._last = (self.step, res.detached())
         if self.log is not None:
             self.log(self, value)
         return value

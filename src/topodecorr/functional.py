@@ -1,9 +1,22 @@
-"""The one pipeline every entry point calls: sample -> correlate -> deaths -> penalty.
+"""The one pipeline every entry point calls: rows -> neurons -> clouds -> deaths -> penalty.
 
-``decorrelation_penalty`` works on a list of activation tensors (one per
-layer, each flattened to (B, units)); the hook-based
-:class:`topodecorr.Decorrelation` captures those tensors from the training
-forward pass and calls the same function.
+:func:`decorrelation_penalty` (the weighted scalar) and
+:func:`decorrelation_result` (the same value with what produced it, a frozen
+:class:`PenaltyResult`) work on a list of activation matrices, one
+(samples, neurons) tensor per layer (see :func:`flatten_activation`); the
+hook-based :class:`topodecorr.Decorrelation` captures those tensors from the
+training forward pass and calls the same function. One step:
+
+1. **rows** (``max_samples``): a layer with more samples than ``max_samples``
+   keeps that many rows drawn without replacement (the same rows for every
+   layer of a pooled cloud), before anything is correlated;
+2. **neurons** (``sampling``): which columns of each layer enter (see
+   :mod:`topodecorr.sampling`; output layers stay whole);
+3. **clouds** (``pooled``): all layers side by side in one point cloud (they
+   must share their samples), or each layer its own cloud with its own samples;
+4. **dead neurons** (``dead_neurons``): constant columns stay (the paper) or leave;
+5. **penalty**: per cloud, the registry's function (:data:`topodecorr.penalties.REGISTRY`)
+   of the MST deaths or of the activations; the clouds' values are summed and weighted.
 
 Penalties (``lam`` is the weight):
 
@@ -13,69 +26,104 @@ Penalties (``lam`` is the weight):
 * ``"decov"``: lam * DeCov of the sampled neurons (Cogswell et al., 2016);
 * ``"none"``: 0 (a control that still runs capture and sampling).
 
-With ``pooled=True`` (the paper's default) the sampled neurons of all
-layers form one point cloud; with ``pooled=False`` each layer is its own
-cloud and the penalties are summed.
-
 Dead neurons (constant over the batch, e.g. a ReLU that never fires) have no
 defined correlation. ``dead_neurons="keep"`` is the paper's convention: they
 stay in the cloud with correlation 0 to every other neuron, so each adds a
 death of 1 and T1 / T2 *reward* them. ``dead_neurons="drop"`` takes them out
 of the point cloud after sampling (they are counted in ``PenaltyResult.dead``);
 a cloud with fewer than two live neurons contributes 0 with no gradient.
+
+Row subsampling (``max_samples``) estimates each correlation from fewer rows:
+the deaths move by about ``1 / sqrt(max_samples)`` (measured in BENCHMARKS.md,
+"Row subsampling"); the dead count and the live sets then refer to the rows used.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 
+from . import _checks
+from ._checks import DEAD_NEURONS, PIPELINE_KINDS as KINDS
 from .correlation import normalize_activations
-from .penalties import lookup, names
+from .penalties import names
 from .persistence import correlation_deaths
 from .sampling import select_neurons
 
-__all__ = ["MODES", "PENALTIES", "PenaltyResult", "decorrelation_penalty", "flatten_activation"]
+__all__ = [
+    "MODES",
+    "PENALTIES",
+    "PenaltyResult",
+    "decorrelation_penalty",
+    "decorrelation_result",
+    "flatten_activation",
+]
 
-#: The kinds of :data:`topodecorr.penalties.REGISTRY` this pipeline computes.
-KINDS = ("deaths", "activations")
-#: Penalty names the pipeline takes, from the registry.
+#: Penalty names the pipeline takes (the registry's "deaths" and "activations" kinds).
 PENALTIES = names(*KINDS)
 #: How a layer output (B, ...) becomes (samples, neurons); see :func:`flatten_activation`.
 MODES = ("flatten", "channel", "features_last")
-#: What happens to neurons constant over the batch: the paper's convention, or out of the cloud.
-DEAD_NEURONS = ("keep", "drop")
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class PenaltyResult:
-    """The weighted penalty and what produced it (one entry per point cloud).
+    """The weighted penalty of one step and what produced it (immutable).
 
-    ``dead`` (the number of neurons constant over the batch, a 0-dim tensor)
-    is computed on first access from the detached point clouds kept in
-    ``groups``, so a training step that never logs it does not pay for it.
+    Attributes
+    ----------
+    value : Tensor, scalar
+        ``weight`` times the sum over point clouds; float32 (float64 for float64 input).
+    deaths : tuple of Tensor (n_c - 1,)
+        Sorted MST deaths per cloud (empty for penalties that build no tree).
+    edges : tuple of LongTensor (n_c - 1, 2)
+        The spanning tree of each cloud, in cloud column indices.
+    indices : tuple of (LongTensor | None)
+        The neurons sampled from each layer (None: all of them).
+    live : tuple of (LongTensor | None)
+        With ``dead_neurons="drop"``, the columns of each cloud that were kept
+        (None: all); None per cloud with ``"keep"``.
+    clouds : tuple of int
+        Neurons per point cloud (after dropping dead ones).
+    dropped : int
+        Dead neurons taken out of the clouds.
+
+    ``neurons`` is the sum of ``clouds``; ``dead`` (the number of neurons
+    constant over the rows used, dropped ones included, a 0-dim tensor) is
+    computed on first access from detached copies of the clouds, so a
+    training step that never logs it does not pay for it.
     """
 
     value: torch.Tensor
-    deaths: list[torch.Tensor] = field(default_factory=list)
-    edges: list[torch.Tensor] = field(default_factory=list)
-    indices: list[torch.Tensor | None] = field(default_factory=list)
-    neurons: int = 0
-    groups: list[torch.Tensor] = field(default_factory=list, repr=False)
-    live: list[torch.Tensor | None] = field(default_factory=list, repr=False)
+    deaths: tuple[torch.Tensor, ...] = ()
+    edges: tuple[torch.Tensor, ...] = ()
+    indices: tuple[torch.Tensor | None, ...] = ()
+    live: tuple[torch.Tensor | None, ...] = ()
+    clouds: tuple[int, ...] = ()
     dropped: int = 0
-    clouds: list[int] = field(default_factory=list)
-    _dead: torch.Tensor | None = field(default=None, repr=False)
+    groups: tuple[torch.Tensor, ...] = field(default=(), repr=False)
 
     @property
+    def neurons(self) -> int:
+        """Neurons in all point clouds."""
+        return sum(self.clouds)
+
+    @cached_property
     def dead(self) -> torch.Tensor | None:
         """Number of constant (dead) neurons over all point clouds (dropped ones included)."""
-        if self._dead is None and self.groups:
-            with torch.no_grad():
-                kept = torch.stack([normalize_activations(g)[1].sum() for g in self.groups]).sum()
-                self._dead = kept + self.dropped
-        return self._dead
+        if not self.groups:
+            return None
+        with torch.no_grad():
+            kept = torch.stack([normalize_activations(g)[1].sum() for g in self.groups]).sum()
+        return kept + self.dropped
+
+    def detached(self) -> "PenaltyResult":
+        """The same result with the value and deaths detached (for statistics kept past the step)."""
+        out = replace(self, value=self.value.detach(), deaths=tuple(d.detach() for d in self.deaths))
+        if "dead" in self.__dict__:
+            out.__dict__["dead"] = self.__dict__["dead"]
+        return out
 
 
 def flatten_activation(x: torch.Tensor, mode: str = "flatten") -> torch.Tensor:
@@ -140,58 +188,11 @@ def decorrelation_penalty(
     acts: list[torch.Tensor] | torch.Tensor,
     penalty: str = "t1",
     weight: float = 1.0,
-    *,
-    dissimilarity: str = "abs",
-    sampling: str = "all",
-    fraction: float = 1.0,
-    count: int | None = None,
-    output_layers: list[bool] | None = None,
-    pooled: bool = True,
-    alpha: float = 0.5,
-    generator: torch.Generator | None = None,
-    indices: list[torch.Tensor | None] | None = None,
-    edges: list[torch.Tensor] | None = None,
-    live: list[torch.Tensor | None] | None = None,
-    dead_neurons: str = "keep",
-    backend: str = "auto",
-    return_result: bool = False,
-):
-    """Weighted decorrelation penalty of a list of layer activations (no hooks).
+    **options,
+) -> torch.Tensor:
+    """Weighted decorrelation penalty of a list of layer activations (no hooks): a scalar tensor.
 
-    Parameters
-    ----------
-    acts : Tensor (S, n) or list of Tensor (S_l, n_l)
-        Activations of each layer as (samples, neurons) (see :func:`flatten_activation`).
-        With ``pooled=True`` every layer needs the same samples (S_l = S);
-        with ``pooled=False`` each layer is its own cloud with its own S_l.
-    penalty : {"t1", "t2", "mean_abs_corr", "decov", "none"}
-    weight : float
-        lambda >= 0.
-    dissimilarity : {"abs", "sqrt"}
-    sampling, fraction, count, generator
-        See :func:`topodecorr.sampling.select_neurons`.
-    output_layers : list of bool, optional
-        Which entries are output layers (always kept whole); default: the last one.
-    pooled : bool
-        One point cloud for all layers (True; they must share their samples)
-        or one per layer, each with its own samples, summed (False).
-    alpha : float
-        T2's trade-off.
-    indices, edges, live : optional
-        Reuse a previous step's sampling, spanning trees and live-neuron sets
-        (``refresh_every``): the deaths of those edges are recomputed with
-        gradient, no MST is built.
-    dead_neurons : {"keep", "drop"}
-        Constant neurons stay in the cloud with correlation 0 (the paper's
-        convention; they add deaths of 1) or leave it (counted as dead).
-    backend : str
-        MST kernel (see :func:`topodecorr.mst_deaths`).
-    return_result : bool
-        Return a :class:`PenaltyResult` instead of the scalar.
-
-    Returns
-    -------
-    Tensor (scalar) or PenaltyResult
+    The value of :func:`decorrelation_result` (same arguments), for a loss.
 
     Examples
     --------
@@ -203,15 +204,89 @@ def decorrelation_penalty(
     >>> bool(p > 0)
     True
     """
+    return decorrelation_result(acts, penalty, weight, **options).value
+
+
+def decorrelation_result(
+    acts: list[torch.Tensor] | torch.Tensor,
+    penalty: str = "t1",
+    weight: float = 1.0,
+    *,
+    dissimilarity: str = "abs",
+    sampling: str = "all",
+    fraction: float = 1.0,
+    count: int | None = None,
+    output_layers: list[bool] | None = None,
+    pooled: bool = True,
+    alpha: float = 0.5,
+    max_samples: int | None = None,
+    generator: torch.Generator | None = None,
+    indices: list[torch.Tensor | None] | None = None,
+    edges: list[torch.Tensor] | None = None,
+    live: list[torch.Tensor | None] | None = None,
+    dead_neurons: str = "keep",
+    backend: str = "auto",
+) -> PenaltyResult:
+    """Weighted decorrelation penalty of a list of layer activations, with its deaths and trees.
+
+    Parameters
+    ----------
+    acts : Tensor (S, n) or list of Tensor (S_l, n_l)
+        Activations of each layer as (samples, neurons) (see :func:`flatten_activation`).
+        With ``pooled=True`` every layer needs the same samples (S_l = S);
+        with ``pooled=False`` each layer is its own cloud with its own S_l.
+    penalty : {"t1", "t2", "mean_abs_corr", "decov", "none"}
+        A name of the registry (:data:`topodecorr.penalties.REGISTRY`) of kind
+        "deaths" or "activations".
+    weight : float
+        lambda >= 0.
+    dissimilarity : {"abs", "sqrt"}
+        See :data:`topodecorr.correlation.DISSIMILARITIES`.
+    sampling, fraction, count
+        See :func:`topodecorr.sampling.select_neurons`.
+    output_layers : list of bool, optional
+        Which entries are output layers (always kept whole); default: the last one.
+    pooled : bool
+        One point cloud for all layers (True; they must share their samples)
+        or one per layer, each with its own samples, summed (False).
+    alpha : float
+        T2's trade-off.
+    max_samples : int >= 2, optional
+        Keep at most this many rows per cloud (drawn without replacement from
+        ``generator``, the same rows for all layers of a pooled cloud) before
+        correlating. None: every row.
+    generator : torch.Generator, optional
+        Source of the row draws and of ``sampling="random"`` (on the CPU).
+    indices, edges, live : optional
+        Reuse a previous step's sampling, spanning trees and live-neuron sets
+        (``refresh_every``): the deaths of those edges are recomputed with
+        gradient, no MST is built.
+    dead_neurons : {"keep", "drop"}
+        Constant neurons stay in the cloud with correlation 0 (the paper's
+        convention; they add deaths of 1) or leave it (counted as dead).
+    backend : str
+        MST kernel (see :func:`topodecorr.mst_deaths`).
+
+    Returns
+    -------
+    PenaltyResult
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> maps = [torch.randn(512, 8, generator=g), torch.randn(128, 16, generator=g)]  # two resolutions
+    >>> r = decorrelation_result(maps, "t1", pooled=False, max_samples=256, generator=g)
+    >>> r.clouds, [tuple(d.shape) for d in r.deaths]
+    ((8, 16), [(7,), (15,)])
+    """
     if isinstance(acts, torch.Tensor):
         acts = [acts]
+    acts = list(acts)
     if not acts:
-        raise ValueError("no activations to regularise: pass at least one (batch, units) tensor")
-    entry = lookup(penalty, KINDS)
-    if not weight >= 0:
-        raise ValueError(f"weight must be >= 0, got {weight}")
-    if dead_neurons not in DEAD_NEURONS:
-        raise ValueError(f"unknown dead_neurons {dead_neurons!r}; choose one of {DEAD_NEURONS}")
+        raise ValueError("no activations to regularise: pass at least one (samples, units) tensor")
+    entry = _checks.pipeline(penalty, weight, dissimilarity, sampling, fraction, count, alpha, dead_neurons,
+                             max_samples)
     for k, a in enumerate(acts):
         if not isinstance(a, torch.Tensor) or a.dim() != 2:
             shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
@@ -222,10 +297,8 @@ def decorrelation_penalty(
         _check_same_samples(acts)
     if output_layers is None:
         output_layers = [False] * (len(acts) - 1) + [True]
-    if indices is None:
-        sel = select_neurons(acts, output_layers, sampling, fraction, count, generator)
-    else:
-        sel = indices
+    acts = _draw_rows(acts, max_samples, pooled, generator)
+    sel = select_neurons(acts, output_layers, sampling, fraction, count, generator) if indices is None else indices
     picked = [a if i is None else a[:, i] for a, i in zip(acts, sel)]
     groups = [torch.cat(picked, dim=1)] if pooled else picked
     dropped = 0
@@ -254,12 +327,34 @@ def decorrelation_penalty(
             deaths.append(d)
             trees.append(e)
     value = weight * torch.stack([v.float() if v.dtype != torch.float64 else v for v in values]).sum()
-    if not return_result:
-        return value
-    clouds = [g.shape[1] for g in groups]
     return PenaltyResult(
-        value, deaths, trees, sel, sum(clouds), [g.detach() for g in groups], live, dropped, clouds
+        value=value,
+        deaths=tuple(deaths),
+        edges=tuple(trees),
+        indices=tuple(sel),
+        live=tuple(live),
+        clouds=tuple(g.shape[1] for g in groups),
+        dropped=dropped,
+        groups=tuple(g.detach() for g in groups),
     )
+
+
+def _draw_rows(acts, max_samples, pooled, generator):
+    """At most ``max_samples`` rows per cloud, without replacement (shared by the layers of a pooled cloud)."""
+    if max_samples is None:
+        return acts
+
+    def draw(rows, device):
+        idx = torch.randperm(rows, generator=generator)[:max_samples]
+        return torch.sort(idx).values.to(device)
+
+    if pooled:
+        rows = acts[0].shape[0]
+        if rows <= max_samples:
+            return acts
+        idx = draw(rows, acts[0].device)
+        return [a.index_select(0, idx) for a in acts]
+    return [a if a.shape[0] <= max_samples else a.index_select(0, draw(a.shape[0], a.device)) for a in acts]
 
 
 def _check_same_samples(acts: list[torch.Tensor]) -> None:

@@ -21,9 +21,10 @@ import math
 
 import torch
 
-__all__ = ["SAMPLINGS", "select_neurons"]
+from . import _checks
+from ._checks import SAMPLINGS
 
-SAMPLINGS = ("all", "importance", "fixed", "random")
+__all__ = ["SAMPLINGS", "select_neurons"]
 
 
 def _per_layer_quota(units: int, fraction: float, count: int | None) -> int:
@@ -67,14 +68,7 @@ def select_neurons(
     >>> select_neurons([a], [False], "importance", fraction=0.5)
     [tensor([1, 3])]
     """
-    if strategy not in SAMPLINGS:
-        raise ValueError(f"unknown sampling {strategy!r}; choose one of {SAMPLINGS}")
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-    if count is not None and count < 1:
-        raise ValueError(f"count must be a positive number of neurons per layer, got {count}")
-    if strategy == "fixed" and count is None:
-        raise ValueError("sampling='fixed' needs count=<neurons per layer>")
+    _checks.sampling(strategy, fraction, count)
     if len(acts) != len(is_output):
         raise ValueError("acts and is_output must have the same length")
     out: list[torch.Tensor | None] = []
