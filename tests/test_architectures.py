@@ -415,7 +415,9 @@ def _no_growth(model, layers, mode, batch_fn, loss_fn, steps=1000, warmup=100, s
     assert max(alive) <= captured[0]
     assert end_tensors <= start_tensors, f"live tensors grew from {start_tensors} to {end_tensors}"
     grown = end_mem - start_mem
-    assert grown < 4096, f"memory allocated by topodecorr grew by {grown} bytes over {steps - warmup - settle} steps"
+    # torch keeps a few small objects per call site it has seen (measured: +10 KB after 200 steps,
+    # +7 KB over the next 400, saturating); one leaked object per step would be >= 47 KB here
+    assert grown < 32 * 1024, f"memory allocated by topodecorr grew by {grown} bytes over {steps - warmup - settle} steps"
 
 
 @pytest.mark.slow
