@@ -325,3 +325,32 @@ def test_pipeline_and_hooks_share_their_argument_checks(kw, msg):
     if "sampling" in kw or "fraction" in kw:
         with pytest.raises(ValueError, match=msg):
             td.select_neurons(acts, [False], kw.get("sampling", "importance"), kw.get("fraction", 1.0))
+
+
+def test_per_layer_trees_come_from_one_batched_call(monkeypatch):
+    import topodecorr.functional as F
+    from references import reference_penalty
+
+    calls = {"many": 0, "one": 0}
+    many, one = F.correlation_deaths_many, F.correlation_deaths
+
+    def count_many(*a, **k):
+        calls["many"] += 1
+        return many(*a, **k)
+
+    def count_one(*a, **k):
+        calls["one"] += 1
+        return one(*a, **k)
+
+    monkeypatch.setattr(F, "correlation_deaths_many", count_many)
+    monkeypatch.setattr(F, "correlation_deaths", count_one)
+    g = torch.Generator().manual_seed(31)
+    acts = [torch.randn(40 + 10 * k, 3 + k, generator=g, dtype=torch.float64, requires_grad=True) for k in range(17)]
+    p = td.decorrelation_penalty(acts, "t2", pooled=False)
+    assert calls == {"many": 1, "one": 0}  # 17 clouds, one kernel call
+    q = reference_penalty(acts, "t2")
+    torch.testing.assert_close(p, q)
+    for ga, ha in zip(torch.autograd.grad(p, acts), torch.autograd.grad(q, acts)):
+        torch.testing.assert_close(ga, ha)
+    td.decorrelation_penalty(acts[:1], "t1")
+    assert calls == {"many": 1, "one": 1}  # a single cloud keeps the single-cloud path

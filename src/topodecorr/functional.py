@@ -17,6 +17,8 @@ training forward pass and calls the same function. One step:
 4. **dead neurons** (``dead_neurons``): constant columns stay (the paper) or leave;
 5. **penalty**: per cloud, the registry's function (:data:`topodecorr.penalties.REGISTRY`)
    of the MST deaths or of the activations; the clouds' values are summed and weighted.
+   Several per-layer clouds get their trees from one batched call
+   (:func:`topodecorr.persistence.correlation_deaths_many`).
 
 Penalties (``lam`` is the weight):
 
@@ -49,7 +51,7 @@ from . import _checks
 from ._checks import DEAD_NEURONS, PIPELINE_KINDS as KINDS
 from .correlation import normalize_activations
 from .penalties import names
-from .persistence import correlation_deaths
+from .persistence import correlation_deaths, correlation_deaths_many
 from .sampling import select_neurons
 
 __all__ = [
@@ -177,11 +179,19 @@ def flatten_activation(x: torch.Tensor, mode: str = "flatten") -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _penalty_on(acts: torch.Tensor, entry, kind: str, alpha: float, backend: str, edges):
-    if entry.kind == "deaths":
-        res = correlation_deaths(acts, kind=kind, backend=backend, edges=edges)
-        return entry(res.deaths, alpha=alpha), res.deaths, res.edges
-    return entry(acts, alpha=alpha), None, None
+def _trees(groups, empty, entry, kind, backend, edges) -> dict:
+    """Deaths of every non-empty cloud for a deaths penalty: one batched call for several clouds."""
+    if entry.kind != "deaths":
+        return {}
+    todo = [g_i for g_i, skip in enumerate(empty) if not skip]
+    prev = [edges[g_i] if edges is not None else None for g_i in todo]
+    if len(todo) == 1:  # one cloud (pooled): the single-cloud pipeline
+        return {todo[0]: correlation_deaths(groups[todo[0]], kind=kind, backend=backend, edges=prev[0])}
+    if not todo:
+        return {}
+    # per-layer clouds: one kernel call for all trees (a 17-layer ResNet pays one, not 17)
+    res = correlation_deaths_many([groups[g_i] for g_i in todo], kind=kind, backend=backend, edges=prev)
+    return dict(zip(todo, res))
 
 
 def decorrelation_penalty(
@@ -312,20 +322,23 @@ def decorrelation_result(
     else:
         live = [None] * len(groups)
     values, deaths, trees = [], [], []
+    # fewer than two (live) neurons: no pair, no correlation; 0 with no gradient path
+    empty = [dead_neurons == "drop" and g.shape[1] < 2 for g in groups]
+    many = _trees(groups, empty, entry, dissimilarity, backend, edges)
     for g_i, g in enumerate(groups):
-        prev = edges[g_i] if edges is not None else None
-        if dead_neurons == "drop" and g.shape[1] < 2:
-            # fewer than two (live) neurons: no pair, no correlation; 0 with no gradient path
+        if empty[g_i]:
             values.append(g.sum() * 0.0)
             if entry.kind == "deaths":
                 deaths.append(g.new_zeros(0))
                 trees.append(torch.zeros(0, 2, dtype=torch.long, device=g.device))
             continue
-        v, d, e = _penalty_on(g, entry, dissimilarity, alpha, backend, prev)
-        values.append(v)
-        if d is not None:
+        if g_i in many:
+            d, e = many[g_i]
+            values.append(entry(d, alpha=alpha))
             deaths.append(d)
             trees.append(e)
+        else:
+            values.append(entry(g, alpha=alpha))
     value = weight * torch.stack([v.float() if v.dtype != torch.float64 else v for v in values]).sum()
     return PenaltyResult(
         value=value,
