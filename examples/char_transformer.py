@@ -102,8 +102,8 @@ def train(penalty: str, weight: float, data, vocab: int, args) -> dict:
         x, y = next(batches(val_ids, 64, args.context, gv))
         val = nn.functional.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1)).item()
         deaths = [
-            topodecorr.decorrelation_penalty([h.reshape(-1, h.shape[-1])], "t1", output_layers=[False],
-                                             return_result=True).deaths[0].mean().item()
+            topodecorr.decorrelation_result([h.reshape(-1, h.shape[-1])], "t1", output_layers=[False])
+            .deaths[0].mean().item()
             for h in ffn
         ]
     for h in hooks:

@@ -112,10 +112,8 @@ def train(penalty: str, weight: float, data, args) -> dict:
         logits = torch.cat([model((Xte[i : i + 256] - mean) / std) for i in range(0, len(Xte), 256)])
         acc = (logits.argmax(1) == yte).float().mean().item()
         # the block's second ReLU call (its output) on the test images: one cloud over 512 channels
-        deaths = topodecorr.decorrelation_penalty(
-            [torch.cat(last_block[1::2]).movedim(1, -1).reshape(-1, 512)], "t1", output_layers=[False],
-            return_result=True,
-        ).deaths[0]
+        deaths = topodecorr.decorrelation_result(
+            [torch.cat(last_block[1::2]).movedim(1, -1).reshape(-1, 512)], "t1", output_layers=[False]).deaths[0]
     hook.remove()
     tail = losses[-max(1, len(losses) // 5):]
     return {
