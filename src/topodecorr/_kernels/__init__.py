@@ -78,12 +78,13 @@ def _run_numba_many(mats: list[torch.Tensor], abs_corr: bool) -> list[torch.Tens
     for l, a in enumerate(arrays):
         groups.setdefault(a.dtype, []).append(l)
     out: list = [None] * len(arrays)
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     with _parallel_lock:
-        # as many threads as torch uses (torch.set_num_threads is the one knob), at most numba's pool
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        if threads > 1:  # as many threads as torch uses (torch.set_num_threads is the one knob)
+            numba.set_num_threads(threads)
         with numba.parallel_chunksize(1):  # hand out one tree at a time, largest first
             for idx in groups.values():
-                for l, e in zip(idx, numba_prim.prim_many([arrays[l] for l in idx], abs_corr)):
+                for l, e in zip(idx, numba_prim.prim_many([arrays[l] for l in idx], abs_corr, threads > 1)):
                     out[l] = torch.from_numpy(e)
     return out
 

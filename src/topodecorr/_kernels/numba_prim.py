@@ -185,9 +185,8 @@ def prim_abs_max(C: np.ndarray) -> np.ndarray:
     return _prim(Ci, _MODE_ABS_MAX, consts)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _prim_many(flat, offsets, sizes, eoff, order, mode, consts):  # pragma: no cover - compiled
-    """Prim's on each matrix of a batch, in parallel over the matrices.
+def _prim_many_body(flat, offsets, sizes, eoff, order, mode, consts, parallel):  # pragma: no cover - compiled
+    """Prim's on each matrix of a batch, in parallel over the matrices (``parallel``).
 
     Matrix ``l`` is ``flat[offsets[l]: offsets[l] + n * n]`` viewed as (n, n),
     ``n = sizes[l]``; its ``n - 1`` edges go to ``out[eoff[l]: eoff[l + 1]]``.
@@ -205,7 +204,14 @@ def _prim_many(flat, offsets, sizes, eoff, order, mode, consts):  # pragma: no c
     return out
 
 
-def prim_many(mats: list[np.ndarray], abs_corr: bool) -> list[np.ndarray]:
+# one compiled call for all trees; the parallel build only when more than one thread is wanted:
+# on one thread numba's pool would only add its wake-ups (and, with an OpenMP threading layer,
+# spinning threads that slow torch's own ops down)
+_prim_many_parallel = njit(cache=True, nogil=True, parallel=True)(_prim_many_body)
+_prim_many_serial = njit(cache=True, nogil=True)(_prim_many_body)
+
+
+def prim_many(mats: list[np.ndarray], abs_corr: bool, parallel: bool = True) -> list[np.ndarray]:
     """:func:`prim_abs_max` (``abs_corr``) or :func:`prim_min` of every matrix, in one parallel call.
 
     Parameters
@@ -213,6 +219,8 @@ def prim_many(mats: list[np.ndarray], abs_corr: bool) -> list[np.ndarray]:
     mats : list of ndarray, shapes (n_l, n_l)
         One dtype for all (float32 or float64); copied once into one buffer.
     abs_corr : bool
+    parallel : bool
+        Spread the trees over numba's threads (``prange``); else one thread.
 
     Returns
     -------
@@ -240,7 +248,8 @@ def prim_many(mats: list[np.ndarray], abs_corr: bool) -> list[np.ndarray]:
     else:
         raise TypeError(f"expected float32 or float64 matrices, got dtype {flat.dtype}")
     order = np.argsort(-sizes, kind="stable")
-    out = _prim_many(bits, offsets[:-1], sizes, eoff, order, _MODE_ABS_MAX if abs_corr else _MODE_MIN, consts)
+    kernel = _prim_many_parallel if parallel else _prim_many_serial
+    out = kernel(bits, offsets[:-1], sizes, eoff, order, _MODE_ABS_MAX if abs_corr else _MODE_MIN, consts, parallel)
     return [out[eoff[l] : eoff[l + 1]] for l in range(len(mats))]
 
 
