@@ -23,14 +23,16 @@ DEAD_DEATH = 1.0 - 1e-6
 __all__ = ["cd_diagram", "death_histograms", "correlation_heatmaps", "training_curves"]
 
 
-def _save(fig, stem: Path, svg: bool = False) -> list[Path]:
+def _save(fig, stem: Path, svg: bool = False, tight: bool = True) -> list[Path]:
+    """Write ``stem.png`` (and ``stem.svg``); ``tight`` crops to the drawn content (one more draw: a
+    figure laid out by ``tight_layout`` does without)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png")]
     with matplotlib.rc_context({"svg.hashsalt": "topodecorr"}):
-        fig.savefig(paths[0], dpi=130, bbox_inches="tight", metadata={"Software": None})
+        fig.savefig(paths[0], dpi=130, bbox_inches="tight" if tight else None, metadata={"Software": None})
         if svg:
             paths.append(stem.with_suffix(".svg"))
-            fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None, "Creator": None})
+            fig.savefig(paths[1], bbox_inches="tight" if tight else None, metadata={"Date": None, "Creator": None})
     plt.close(fig)
     return paths
 
@@ -122,11 +124,13 @@ def death_histograms(deaths: dict[str, dict[str, np.ndarray]], stem: Path) -> li
     for ax in axes[:, 0]:
         ax.set_ylabel("share of deaths", fontsize=8)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower right", fontsize=8, frameon=False)
     fig.suptitle("MST deaths at the end of training (chosen weight, probe batch)", fontsize=11)
-    fig.tight_layout()
-    return _save(fig, stem)
+    if handles:  # one row of networks under the panels, never over one
+        fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.06 / rows, 1, 1))
+    else:
+        fig.tight_layout()
+    return _save(fig, stem, tight=False)
 
 
 def correlation_heatmaps(matrices: dict[str, np.ndarray], stem: Path, network: str = "",
@@ -140,13 +144,15 @@ def correlation_heatmaps(matrices: dict[str, np.ndarray], stem: Path, network: s
     boundaries : dict penalty -> list of int, optional
         Indices where a new layer starts (0 < b < m); drawn as lines.
     layer_names : dict penalty -> list of str, optional
-        One name per layer (``len(boundaries) + 1``), written along the left edge.
+        One name per layer (``len(boundaries) + 1``), written along the left edge of the
+        panels in the first column.
     """
     penalties = list(matrices)
     rows, cols = _grid(len(penalties))
     fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.8 * rows), squeeze=False)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.02, top=0.86, wspace=0.12, hspace=0.22)
     im = None
-    for ax, penalty in zip(axes.flat, penalties):
+    for i, (ax, penalty) in enumerate(zip(axes.flat, penalties)):
         m = matrices[penalty]
         im = ax.imshow(m, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
         ax.set_title(penalty, fontsize=10)
@@ -157,7 +163,7 @@ def correlation_heatmaps(matrices: dict[str, np.ndarray], stem: Path, network: s
             ax.axhline(b - 0.5, color="k", lw=0.7)
             ax.axvline(b - 0.5, color="k", lw=0.7)
         names = (layer_names or {}).get(penalty)
-        if names and len(names) == len(cuts) + 1:
+        if names and len(names) == len(cuts) + 1 and i % cols == 0:  # first column only: labels cost time
             edges = [0] + cuts + [m.shape[0]]
             ax.set_yticks([(lo + hi - 1) / 2 for lo, hi in zip(edges[:-1], edges[1:])])
             ax.set_yticklabels(names, fontsize=6)
@@ -167,7 +173,7 @@ def correlation_heatmaps(matrices: dict[str, np.ndarray], stem: Path, network: s
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7, label="Pearson correlation")
     fig.suptitle(f"Neuron correlations at the end of training {network}".strip(), fontsize=11)
-    return _save(fig, stem)
+    return _save(fig, stem, tight=False)
 
 
 def training_curves(curves: dict[str, list[dict]], stem: Path, title: str = "", baseline: str = "none") -> list[Path]:
@@ -176,7 +182,8 @@ def training_curves(curves: dict[str, list[dict]], stem: Path, title: str = "", 
     The curve named ``baseline`` (the unregularised run) is drawn on top, black and dashed.
     """
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = [("val_acc", "validation accuracy"), ("train_loss", "training loss (task)"), ("mean_death", "mean MST death (probe)")]
+    panels = [("val_acc", "validation accuracy"), ("train_loss", "training loss (task)"),
+              ("mean_death", "mean MST death (probe)")]
     # the unregularised baseline is drawn last, black, thick and dashed, so no curve hides it
     order = sorted(curves, key=lambda name: name == baseline)
     colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(n for n in curves if n != baseline)}
@@ -199,4 +206,4 @@ def training_curves(curves: dict[str, list[dict]], stem: Path, title: str = "", 
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    return _save(fig, stem)
+    return _save(fig, stem, tight=False)

@@ -25,6 +25,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -472,6 +473,26 @@ def _deaths_section(sweep: SweepData, figs: Path) -> list[str]:
     return md
 
 
+@lru_cache(maxsize=16)
+def _probe_widths(model: str, params_json: str, shape: tuple[int, ...], classes: int, sampling: str,
+                  fraction: float) -> tuple[int, ...] | str:
+    """Neurons per probed layer (hidden layers, then logits) of a freshly built network, or why not."""
+    try:
+        import torch
+
+        from .models import build_model
+        from .train import _probe_activations
+    except ImportError as exc:  # pragma: no cover - torch is part of every install
+        return f"the layer sizes cannot be rebuilt without torch ({exc})"
+    try:
+        with torch.random.fork_rng(devices=[]):
+            net = build_model(model, shape, classes, **json.loads(params_json))
+            acts = _probe_activations(net, torch.zeros(2, *shape), sampling, fraction)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return f"rebuilding network {model!r} failed ({exc})"
+    return tuple(int(a.shape[1]) for a in acts)
+
+
 def _layer_layout(row: dict, data: dict, m: int) -> tuple[list[int], list[str]] | str:
     """Where the layers start in a stored correlation matrix of ``m`` neurons, or why that is unknown.
 
@@ -479,30 +500,25 @@ def _layer_layout(row: dict, data: dict, m: int) -> tuple[list[int], list[str]] 
     run's network configuration (the probe's own layer rule) and accepted only when
     they add up to the stored neuron count and give ``m`` sampled neurons.
     """
-    try:
-        import torch
-
-        from .models import build_model
-        from .train import CORR_MAX_NEURONS, _probe_activations
-    except ImportError as exc:  # pragma: no cover - torch is part of every install
-        return f"the layer sizes cannot be rebuilt without torch ({exc})"
     cfg = json.loads(row.get("config") or "{}")
     train = cfg.get("train") or {}
     shape, classes = data.get("input_shape"), data.get("num_classes")
     if not cfg.get("model") or not shape or not classes:
         return "the database lacks the network configuration or the data shape"
-    try:
-        with torch.random.fork_rng(devices=[]):
-            model = build_model(cfg["model"], shape, classes, **(cfg.get("model_params") or {}))
-            acts = _probe_activations(model, torch.zeros(2, *shape), train.get("sampling", "all"),
-                                      float(train.get("fraction", 1.0)))
-    except (TypeError, ValueError, RuntimeError) as exc:
-        return f"rebuilding network {cfg['model']!r} failed ({exc})"
-    widths = [int(a.shape[1]) for a in acts]
+    widths = _probe_widths(cfg["model"], json.dumps(cfg.get("model_params") or {}, sort_keys=True),
+                           tuple(int(v) for v in shape), int(classes), str(train.get("sampling", "all")),
+                           float(train.get("fraction", 1.0)))
+    if isinstance(widths, str):
+        return widths
+    import torch
+
+    from .train import CORR_MAX_NEURONS
+
     n = sum(widths)
     stored = json.loads(row.get("metrics") or "{}").get("neurons")
     if stored is not None and int(stored) != n:
         return f"the rebuilt layers hold {n} neurons, the run stored {stored}"
+    # the probe's own choice of the stored neurons (train.probe_deaths)
     idx = torch.linspace(0, n - 1, min(n, CORR_MAX_NEURONS)).round().long().unique().numpy()
     if len(idx) != m:
         return f"the rebuilt layers give {len(idx)} sampled neurons, the matrix has {m}"
