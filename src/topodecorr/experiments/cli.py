@@ -254,13 +254,15 @@ def _cmd_train(args) -> int:
     ctx = None
     if ddp.launched_by_torchrun():  # this process is one rank of a DistributedDataParallel run
         ctx = ddp.setup(device=args.device, penalty_mode=args.distributed_penalty)
+        finished = False
         try:
             ctx.check_batch_size(spec.train.batch_size)
             result = train_run(spec, args.checkpoint, progress=not args.quiet, dist=ctx)
+            finished = True
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         finally:
-            ddp.teardown()
+            ddp.teardown(synchronize=finished)
         if not ctx.is_main:  # rank 0 alone prints and writes
             return 0 if result["status"] == "done" else 1
     else:

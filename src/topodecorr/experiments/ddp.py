@@ -332,11 +332,19 @@ def setup(
                        penalty_mode=penalty_mode)
 
 
-def teardown() -> None:
-    """Leave the process group (a no-op when none is initialised)."""
+def teardown(synchronize: bool = False) -> None:
+    """Leave the process group (a no-op when none is initialised).
+
+    With ``synchronize`` (a normal exit) the ranks first meet at a barrier, so that no
+    rank closes its gloo connections while a peer still uses them: without it a rank
+    could abort at exit ("terminate called without an active exception"), seen on a
+    loaded 2-core machine. After an error there is no barrier (a dead peer would hang it).
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -344,7 +352,9 @@ def teardown() -> None:
 def distributed(device: str = "auto", backend: str | None = None, penalty_mode: str = "global"):
     """``with distributed() as ctx:`` -- :func:`setup` on entry, :func:`teardown` on exit."""
     ctx = setup(device=device, backend=backend, penalty_mode=penalty_mode)
+    ok = False
     try:
         yield ctx
+        ok = True
     finally:
-        teardown()
+        teardown(synchronize=ok)
