@@ -7,7 +7,8 @@
   machine are noisy). For a soak run, ``HYPOTHESIS_PROFILE=thorough`` draws
   fresh random examples every run and ``HYPOTHESIS_SCALE=20`` multiplies every
   test's example count (see ``strategies.examples``).
-* ``backend`` parametrises a test over every MST kernel available here.
+* ``backend`` parametrises a test over every MST kernel available here (its
+  Borůvka runs are marked slow).
 """
 
 from __future__ import annotations
@@ -38,8 +39,14 @@ from topodecorr._kernels import available_backends  # noqa: E402
 BACKENDS = available_backends()
 
 
+# The batched Boruvka kernel is the accelerators' one: on a CPU it runs several times slower
+# than numba, so its CPU runs of the backend-parametrised tests count as slow (they run in
+# `make test`; the quick `-m "not slow"` run checks it through test_kernels' own tests).
+_BACKEND_PARAMS = [pytest.param(b, marks=pytest.mark.slow) if b == "boruvka" else b for b in BACKENDS]
+
+
 # session scope: hypothesis refuses function-scoped fixtures in @given tests
-@pytest.fixture(scope="session", params=BACKENDS)
+@pytest.fixture(scope="session", params=_BACKEND_PARAMS)
 def backend(request) -> str:
     """Every MST kernel usable in this environment (CPU)."""
     return request.param

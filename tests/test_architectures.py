@@ -286,6 +286,7 @@ def _gpt2_step(model, layers, batch, tokens, penalty="t1", alpha=0.5, autocast=F
     return reg, rec, counter, loss, value, shapes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("penalty", ["t1", "t2"])
 def test_gpt2_ffn_units_per_block_match_reference(penalty):
     """One cloud per block: B*T token samples over the 4*d FFN hidden units after the GELU."""

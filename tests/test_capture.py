@@ -93,6 +93,7 @@ def test_mlp_hooked_equals_explicit_pipeline(penalty):
     assert reg.last_stats.neurons == 16 + 8 + 3
 
 
+@pytest.mark.slow
 def test_cnn_hooked_equals_explicit_pipeline_flattened_maps():
     torch.manual_seed(2)
     m = _cnn()
@@ -156,6 +157,7 @@ def test_transformer_encoder_block_auto_is_its_ffn_units_features_last():
     assert flat.last_stats.neurons == 5 * 16
 
 
+@pytest.mark.slow
 def test_transformer_encoder_stack_one_cloud_per_block_and_module_activation():
     from references import reference_penalty
 
@@ -303,6 +305,7 @@ def test_every_and_stats_and_zero_on_skipped_steps():
         s.step = 5  # frozen
 
 
+@pytest.mark.slow
 def test_refresh_every_reuses_tree_and_matches_on_refresh_steps():
     torch.manual_seed(7)
     m = _mlp()
@@ -325,6 +328,7 @@ def test_refresh_every_reuses_tree_and_matches_on_refresh_steps():
                 assert p.requires_grad
 
 
+@pytest.mark.slow
 def test_dead_layers_identical_inputs_tiny_batches_finite():
     m = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 1))
     with torch.no_grad():
@@ -423,6 +427,7 @@ def test_compiled_model_hooks_still_capture():
     torch.testing.assert_close(p, ref)
 
 
+@pytest.mark.slow
 def test_compiled_wrapper_is_unwrapped_and_nonfinite_activations_raise():
     torch.manual_seed(11)
     m = _mlp()

@@ -156,6 +156,7 @@ def test_presets_command_and_python_dash_m():
     assert "quick" in res.stdout and "paper-fashion-mnist" in res.stdout and "paper-cifar10" in res.stdout
 
 
+@pytest.mark.slow
 def test_train_single_run(tmp_path, capsys):
     out = tmp_path / "r.json"
     code = main(["train", "--network", "mlp", "--penalty", "t2", "--weight", "0.01", "--max-epochs", "2",
@@ -165,6 +166,7 @@ def test_train_single_run(tmp_path, capsys):
     assert '"test_acc"' in out.read_text()
 
 
+@pytest.mark.slow
 def test_train_without_a_terminal_prints_a_line_per_epoch(capsys):
     assert main(["train", "--network", "mlp", "--param", "hidden=[16]", "--max-epochs", "3", "--probe-batch", "32"]) == 0
     captured = capsys.readouterr()

@@ -162,6 +162,7 @@ def test_duplicate_neurons_float32_clipped_no_nan():
         assert torch.isfinite(A.grad).all()
 
 
+@pytest.mark.slow
 @given(S.activations(min_batch=2, max_batch=12, min_n=1, max_n=12))
 @settings(max_examples=S.examples(40))
 def test_no_nan_forward_or_backward(case):

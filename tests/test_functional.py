@@ -155,6 +155,7 @@ def test_t1_is_the_same_under_both_dead_neuron_policies_but_t2_is_not():
 # --------------------------------------------------------------------------- per-layer clouds, modes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("penalty", ["t1", "t2"])
 def test_per_layer_clouds_have_their_own_samples_value_and_gradient(penalty):
     from references import reference_penalty
@@ -327,6 +328,7 @@ def test_pipeline_and_hooks_share_their_argument_checks(kw, msg):
             td.select_neurons(acts, [False], kw.get("sampling", "importance"), kw.get("fraction", 1.0))
 
 
+@pytest.mark.slow
 def test_per_layer_trees_come_from_one_batched_call(monkeypatch):
     import topodecorr.functional as F
     from references import reference_penalty

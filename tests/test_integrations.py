@@ -28,6 +28,7 @@ def _by_hand_t1(acts: list[torch.Tensor]) -> torch.Tensor:
     return td.t1(td.correlation_deaths(torch.cat([a.reshape(a.shape[0], -1) for a in acts], dim=1)).deaths)
 
 
+@pytest.mark.slow
 def test_import_topodecorr_stays_free_of_optional_frameworks():
     code = textwrap.dedent(
         """

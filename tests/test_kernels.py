@@ -256,6 +256,7 @@ def test_boruvka_is_kruskal_under_its_total_order(case):
     assert S.edge_set(e.numpy()) == _kruskal_ordered(D)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_rows", [1, 3, 64])
 def test_boruvka_chunking_does_not_change_edges(chunk_rows):
     for family in S.FAMILIES:
@@ -265,6 +266,7 @@ def test_boruvka_chunking_does_not_change_edges(chunk_rows):
         assert torch.equal(got, ref), family
 
 
+@pytest.mark.slow
 def test_boruvka_rounding_asymmetry_still_a_tree():
     """Regression: one-ulp asymmetry plus ties made Boruvka close cycles (or index out of range)."""
     g = torch.Generator().manual_seed(1)

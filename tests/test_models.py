@@ -40,6 +40,7 @@ def test_cnn1d_shapes_neurons_and_bad_input():
         build_model("cnn1d", (40,), 10, kernel_size=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("shape", IMAGE_SHAPES + VECTOR_SHAPES, ids=str)
 def test_forward_shapes(name, shape):

@@ -65,6 +65,7 @@ def test_summary_writer_gets_scalars_and_a_death_histogram_every_k_steps(tmp_pat
         assert h.histogram_value.sum == pytest.approx(float(deaths.sum()), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_callable_gets_every_step_statistics():
     model = _model()
     got, seen = [], []
@@ -79,6 +80,7 @@ def test_callable_gets_every_step_statistics():
         assert all(isinstance(v, (int, float)) for v in stats.values())
 
 
+@pytest.mark.slow
 def test_penalties_without_a_tree_report_no_deaths():
     model = _model()
     got = []

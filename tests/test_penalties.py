@@ -183,6 +183,15 @@ def test_decov_numpy(case):
     assert out.item() == pytest.approx(_decov_numpy(A), rel=1e-10, abs=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(3, 40), (40, 3), (7, 7)])
+def test_decov_both_gram_sides_match_numpy(shape):
+    """Fewer samples than neurons takes the (B, B) Gram, more takes the (n, n) one."""
+    A = np.random.default_rng(4).normal(size=shape) * np.linspace(0.1, 3.0, shape[1])
+    assert decov(torch.from_numpy(A)).item() == pytest.approx(_decov_numpy(A), rel=1e-12)
+    f32 = decov(torch.from_numpy(A).float()).item()
+    assert f32 == pytest.approx(_decov_numpy(A), rel=2e-4)  # float32 cancellation, both sides
+
+
 def test_decov_closed_form():
     # two perfectly correlated neurons with variance 1: off-diagonal covariance 1 twice, halved
     assert decov(torch.tensor([[1.0, 1.0], [-1.0, -1.0]])).item() == pytest.approx(1.0)
@@ -194,6 +203,8 @@ def test_gradcheck_decov():
     g = torch.Generator().manual_seed(2)
     acts = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(decov, (acts,))
+    wide = torch.randn(4, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(decov, (wide,))
 
 
 def test_decov_autocast_float32():

@@ -52,6 +52,7 @@ def test_small_matches_scipy_and_gudhi(backend, case):
     np.testing.assert_allclose(d, S.gudhi_deaths(D), rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 @given(S.matrices(min_n=2, max_n=30, families=("duplicates",)))
 @settings(max_examples=S.examples(25))
 def test_duplicates_give_zero_deaths_never_dropped(backend, case):
@@ -119,6 +120,7 @@ def test_planted_tree_is_found(backend, case):
     np.testing.assert_array_equal(res.deaths.numpy(), expected)
 
 
+@pytest.mark.slow
 @given(S.matrices(min_n=2, max_n=30), st.randoms(use_true_random=False))
 @settings(max_examples=S.examples(40))
 def test_relabelling_permutes_edges_keeps_deaths(backend, case, rnd):
@@ -352,6 +354,7 @@ def _dense(acts, kind, backend):
     return mst_deaths(dissimilarity(correlation(acts), kind), backend=backend)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["abs", "sqrt"])
 @given(case=S.activations(min_n=1, max_n=20))
 @settings(max_examples=S.examples(25))
@@ -391,6 +394,7 @@ def test_fused_equals_dense_in_gradient(backend, kind, family):
         assert torch.all(a1.grad[:, torch.from_numpy(dead)] == 0)
 
 
+@pytest.mark.slow
 def test_fused_gradient_of_a_death_touches_only_its_two_neurons(backend):
     A = torch.from_numpy(S.make_activations("gaussian", 20, 10, seed=5)).requires_grad_(True)
     res = correlation_deaths(A, backend=backend)
@@ -401,6 +405,7 @@ def test_fused_gradient_of_a_death_touches_only_its_two_neurons(backend):
         assert touched == sorted(res.edges[k].tolist())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["abs", "sqrt"])
 def test_gradcheck_correlation_deaths(backend, kind):
     g = torch.Generator().manual_seed(1)
@@ -623,6 +628,7 @@ def test_many_equals_single_in_edges_deaths_and_gradient(backend):
         assert torch.equal(a.grad, b.grad), "the gradients equal the single-tree ones"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["abs", "sqrt"])
 def test_many_gradcheck(kind):
     acts = [a.requires_grad_(True) for a in _layers([(9, 5), (7, 4)], seed=3)]

@@ -87,6 +87,7 @@ def test_report_tables_from_known_results(tmp_path):
     assert "median s per epoch" in text and "median epoch s" not in text
 
 
+@pytest.mark.slow
 def test_degenerate_sweep_is_reported(tmp_path):
     _fill(tmp_path, [0], ACCS)
     path, printed = write_report(tmp_path)
@@ -97,6 +98,7 @@ def test_degenerate_sweep_is_reported(tmp_path):
     assert (tmp_path / "figures" / "death_histograms.png").exists()
 
 
+@pytest.mark.slow
 def test_warnings_flag_capped_chance_and_diverged_runs(tmp_path):
     override = {
         ("mlp", "t1", 0.1, 0): {"epochs": 5, "best_epoch": 4},  # at the cap, still improving

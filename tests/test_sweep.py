@@ -56,6 +56,7 @@ def test_sweep_fills_the_database_and_skips_finished_runs(tmp_path):
     assert json.loads((tmp_path / "sweep.json").read_text())["penalties"] == ["none", "l2", "t1"]
 
 
+@pytest.mark.slow
 def test_execute_run_is_a_picklable_entry_point(tmp_path):
     spec = run_specs(parse_sweep(TINY))[1]
     assert pickle.loads(pickle.dumps(execute_run)) is execute_run

@@ -51,6 +51,7 @@ def _small_mlp(monkeypatch):
     monkeypatch.setattr(models, "build_model", build)
 
 
+@pytest.mark.slow
 def test_run_learns_and_records_every_epoch(data):
     res = train_run(_spec(max_epochs=6), data=data)
     assert res["status"] == "done" and res["epochs"] == 6 and len(res["history"]) == 6
@@ -96,6 +97,7 @@ def test_probe_matches_an_independent_mst(data):
     np.testing.assert_allclose(out["deaths"][len(mst):], 1.0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("penalty, weight", [("none", 0.0), ("l1", 1e-4), ("l2", 1e-3), ("mean_abs_corr", 0.1), ("decov", 0.1), ("t2", 0.1)])
 def test_every_penalty_trains_and_changes_the_result(data, penalty, weight):
     base = train_run(_spec("none", 0.0, max_epochs=2), data=data)
@@ -183,6 +185,7 @@ def test_early_stopping_stops_after_patience(data):
     assert len(h) == best + 1 + 2 or len(h) == 60
 
 
+@pytest.mark.slow
 def test_progress_without_a_terminal_is_one_line_per_epoch(data, capsys):
     """stderr is not a terminal here (captured): a line per epoch instead of a tqdm bar."""
     res = train_run(_spec(max_epochs=3), data=data, progress=True)

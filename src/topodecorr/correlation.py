@@ -270,32 +270,36 @@ def correlation(acts: torch.Tensor) -> torch.Tensor:
     """
     z, _ = normalize_activations(acts)
     with torch.autocast(device_type=z.device.type, enabled=False):
-        c = _SymmetricUnitCorrelation.apply(z.T @ z)
+        c = _CorrelationOfNormalized.apply(z)
     return c
 
 
-class _SymmetricUnitCorrelation(torch.autograd.Function):
-    """Finish a raw product ``Z^T Z`` of shape (n, n) into a correlation matrix.
+class _CorrelationOfNormalized(torch.autograd.Function):
+    """The correlation matrix ``C`` of shape (n, n) from normalised activations ``Z`` (B, n).
 
-    Forward: ``(P + P^T) / 2`` (a float matrix product is not bitwise symmetric,
-    and ``sqrt(1 - c^2)`` would amplify a one-ulp asymmetry near ``|c| = 1`` to
-    ~1e-8), clipped to [-1, 1], unit diagonal (also for dead neurons).
-    Backward: the clip passes the gradient straight through (a near-duplicate
-    pair keeps its gradient); the diagonal, a constant, gets none. One fused
-    pass each way instead of a chain of elementwise ops; the backward is linear
-    in the incoming gradient, so double backward works.
+    Forward: ``P = Z^T Z``, then ``(P + P^T) / 2`` (a float matrix product is not
+    bitwise symmetric, and ``sqrt(1 - c^2)`` would amplify a one-ulp asymmetry near
+    ``|c| = 1`` to ~1e-8), clipped to [-1, 1], unit diagonal (also for dead neurons).
+    Backward: ``Z (G + G^T)`` with the diagonal of ``G + G^T`` zeroed: one matrix
+    product, where autograd through ``Z.T @ Z`` takes two (one per operand). The clip
+    passes the gradient straight through (a near-duplicate pair keeps its gradient);
+    the diagonal, a constant, gets none. The backward is made of differentiable ops,
+    so double backward works.
     """
 
     @staticmethod
-    def forward(ctx, p):  # noqa: D102
+    def forward(ctx, z):  # noqa: D102
+        ctx.save_for_backward(z)
+        p = z.T @ z
         c = torch.add(p, p.T).mul_(0.5).clamp_(-1.0, 1.0)
         c.fill_diagonal_(1.0)
         return c
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        g = (grad + grad.T) * 0.5
-        return g.fill_diagonal_(0.0)
+        (z,) = ctx.saved_tensors
+        g = grad + grad.T
+        return z @ g.fill_diagonal_(0.0)
 
 
 class _SqrtOneMinusSquare(torch.autograd.Function):

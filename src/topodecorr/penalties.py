@@ -151,9 +151,18 @@ def decov(acts: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"acts must have shape (batch, neurons), got {tuple(acts.shape)}")
     with torch.autocast(device_type=acts.device.type, enabled=False):
         x = acts.double() if acts.dtype == torch.float64 else acts.float()
+        b, n = x.shape
         xc = x - x.mean(dim=0, keepdim=True)
-        cov = xc.T @ xc / x.shape[0]
-        return 0.5 * ((cov**2).sum() - (torch.diagonal(cov) ** 2).sum())
+        if b >= n:
+            cov = xc.T @ xc / b
+            return 0.5 * ((cov**2).sum() - (torch.diagonal(cov) ** 2).sum())
+        # fewer samples than neurons (the usual case: batch 256, 1000 neurons): the squared
+        # Frobenius norm of Xc^T Xc equals that of the (B, B) Gram Xc Xc^T (both are
+        # trace((Xc^T Xc)^2)), which costs B/n of the (n, n) product; the diagonal of the
+        # covariance is the columns' squared norms
+        gram = xc @ xc.T
+        var = (xc * xc).sum(dim=0)
+        return 0.5 * ((gram**2).sum() - (var**2).sum()) / (b * b)
 
 
 def _params(module: nn.Module):
