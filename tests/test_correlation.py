@@ -363,3 +363,23 @@ def test_pair_correlations_match_the_matrix_and_clip_in_value_only():
     assert c2.item() <= 1.0
     c2.sum().backward()
     torch.testing.assert_close(zz.grad, zz.detach().flip(1), rtol=0, atol=1e-12)
+
+
+def test_numpy_blas_follows_torch_thread_count_inside_the_product_only():
+    """The CPU product runs NumPy's BLAS on torch's thread count and restores NumPy's own after."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import importlib
+
+    corr_mod = importlib.import_module("topodecorr.correlation")  # the module, not the function
+
+    blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
+    if not blas.lib_controllers:
+        pytest.skip("NumPy has no BLAS that threadpoolctl controls here")
+    before = [lib.num_threads for lib in blas.lib_controllers]
+    inside = []
+    with corr_mod._numpy_blas_threads(1):
+        inside = [lib.num_threads for lib in blas.lib_controllers]
+    assert inside == [1] * len(before)
+    assert [lib.num_threads for lib in blas.lib_controllers] == before
+    z = torch.randn(16, 5, dtype=torch.float64)
+    np.testing.assert_allclose(corr_mod.correlation_product(z).numpy(), (z.T @ z).numpy(), rtol=1e-12)
