@@ -357,10 +357,11 @@ def test_matrix_stats_compiled_and_torch_agree_with_numpy(monkeypatch, dtype, n)
         np.testing.assert_allclose(got[1:], ref[1:], rtol=1e-6 if dtype == np.float32 else 1e-12, atol=0)
 
 
+@pytest.mark.parametrize("where", [(69, 3), (0, 0), (35, 36), (69, 69)])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_matrix_stats_reports_non_finite(monkeypatch, bad):
-    A = np.zeros((70, 70), dtype=np.float32)
-    A[69, 3] = bad
+def test_matrix_stats_reports_non_finite(monkeypatch, bad, where):
+    A = np.random.default_rng(1).standard_normal((70, 70)).astype(np.float32)
+    A[where] = bad
     assert K.matrix_stats(torch.from_numpy(A))[0] is False
     monkeypatch.setattr(K, "_numba_available", lambda: False)
     assert K.matrix_stats(torch.from_numpy(A))[0] is False

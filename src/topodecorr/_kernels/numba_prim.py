@@ -290,17 +290,6 @@ def _max_asymmetry(A, tile):  # pragma: no cover - compiled
     return asym
 
 
-def matrix_stats(A: np.ndarray) -> tuple[bool, float, float, float]:
-    """``(all finite, min, max, max |A - A.T|)`` of a square float matrix, without temporaries.
-
-    min and max in one NumPy pass each (they propagate NaN and see inf, so they
-    double as the finiteness test); the asymmetry, only for a finite matrix,
-    in one tiled pass (:func:`_max_asymmetry`). Returns ``nan`` for the
-    asymmetry of a non-finite matrix.
-    """
-    A = np.ascontiguousarray(A)
-    lo = float(A.min())
-    hi = float(A.max())
-    finite = bool(np.isfinite(lo) and np.isfinite(hi))
-    asym = float(_max_asymmetry(A, _ASYM_TILE)) if finite else float("nan")
-    return finite, lo, hi, asym
+def max_asymmetry(A: np.ndarray) -> float:
+    """``max |A - A.T|`` of a square, finite float matrix in one tiled pass (:func:`_max_asymmetry`)."""
+    return float(_max_asymmetry(np.ascontiguousarray(A), _ASYM_TILE))
