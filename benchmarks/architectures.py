@@ -18,6 +18,9 @@ plain and regularised steps are timed **interleaved in one process**, medians):
   (``nn.TransformerEncoderLayer``, d = 384, 6 heads, FFN 1536 with a GELU
   module), batch 8 x 128 tokens, T1 per block over the FFN units
   (``layers="auto"``: 6 clouds of 1024 samples x 1536 neurons);
+* ``resnet18-1024rows`` and ``gpt-256rows``: the same with row subsampling
+  (``max_samples``: at most 1024 of each channel cloud's B*H*W rows, 256 of each
+  block's 1024 token rows, drawn afresh every step);
 * on CUDA also ``gpt2-small`` (12 blocks, d = 768, FFN 3072, 8 x 128 tokens) and the
   deaths of single trees at n = 4096 and 16384 (``correlation_deaths``, B = 256).
 
@@ -171,7 +174,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (CPU)")
-    ap.add_argument("--models", default="mlp,resnet18,gpt", help="subset of mlp,resnet18,gpt,gpt2-small")
+    ap.add_argument("--models", default="mlp,resnet18,resnet18-1024rows,gpt,gpt-256rows",
+                    help="subset of mlp,resnet18,resnet18-1024rows,gpt,gpt-256rows,gpt2-small")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
     args = ap.parse_args(argv)
@@ -200,7 +204,13 @@ def main(argv=None):
         "mlp": (paper_mlp, data_mlp, lambda m: dict(penalty="t1")),
         "resnet18": (resnet18, data_img, lambda m: dict(
             penalty="t1", layers=[x for x in m.modules() if isinstance(x, nn.ReLU)], mode="channel", pooled=False)),
+        # at most 1024 of the B*H*W rows per cloud (the stem has 8192, layer1 2048)
+        "resnet18-1024rows": (resnet18, data_img, lambda m: dict(
+            penalty="t1", layers=[x for x in m.modules() if isinstance(x, nn.ReLU)], mode="channel", pooled=False,
+            max_samples=1024)),
         "gpt": (GPTStack, data_tok, lambda m: dict(penalty="t1")),
+        # row subsampling (issue 9.3): 256 of the 1024 token rows per block and step
+        "gpt-256rows": (GPTStack, data_tok, lambda m: dict(penalty="t1", max_samples=256)),
         "gpt2-small": (lambda: GPTStack(d=768, heads=12, blocks=12), data_tok, lambda m: dict(penalty="t1")),
     }
     reps = args.repeats or (3 if args.quick else 15)
