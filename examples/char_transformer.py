@@ -12,7 +12,10 @@ block over its feed-forward hidden units, with the tokens as samples::
 
 Here every block is an ``nn.TransformerEncoderLayer`` with ``activation=nn.GELU()``
 (a module), so the units read are the GELU's outputs: (batch, tokens, 4*d) ->
-a cloud of batch*tokens samples over 4*d neurons, one per block.
+a cloud of batch*tokens samples over 4*d neurons, one per block. With a long
+context, ``max_samples=256`` (``--max-samples``) correlates a fresh random subset
+of the token rows each step instead of all of them: the cost of the correlations
+falls in proportion, and the deaths stay close (BENCHMARKS.md, "Row subsampling").
 
 Run: ``python examples/char_transformer.py`` (a few minutes on a CPU), or
 ``--quick`` for a smoke run under a minute. Prints, with and without the
@@ -79,7 +82,9 @@ def train(penalty: str, weight: float, data, vocab: int, args) -> dict:
     torch.manual_seed(args.seed)
     model = CharLM(vocab, args.context, d=args.d, blocks=args.blocks)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    reg = topodecorr.Decorrelation(model, penalty=penalty, weight=weight) if penalty != "none" else None
+    reg = None
+    if penalty != "none":
+        reg = topodecorr.Decorrelation(model, penalty=penalty, weight=weight, max_samples=args.max_samples)
     g = torch.Generator().manual_seed(args.seed + 1)
     times, losses = [], []
     model.train()
@@ -130,6 +135,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--weight", type=float, default=1e-3, help="lambda of T1 (summed over the blocks)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--max-samples", type=int, default=None,
+                    help="token rows per block and step for the correlations, drawn afresh each step "
+                         "(default: all batch*context rows; 256-512 keeps a long context cheap)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
