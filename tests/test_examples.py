@@ -100,8 +100,9 @@ def test_resnet_cifar10_reads_a_local_copy(tmp_path):
 
 
 @pytest.mark.slow
-def test_char_transformer_quick(capsys):
-    res = _load("char_transformer").main(["--quick"])
+@pytest.mark.parametrize("extra", [[], ["--max-samples", "64"]], ids=["all-rows", "64-rows"])
+def test_char_transformer_quick(capsys, extra):
+    res = _load("char_transformer").main(["--quick", *extra])
     for r in res.values():
         # ~100 distinct characters: a uniform guess costs ~4.6 nats; 40 steps learn letter frequencies
         assert math.isfinite(r["val_loss"]) and r["val_loss"] < 3.5
