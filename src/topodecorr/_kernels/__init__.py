@@ -14,9 +14,10 @@ matrix never leaves the device), and on the CPU ``"numba"`` when numba is
 installed, else ``"numpy"`` (much slower; a warning says so once).
 
 :func:`matrix_stats` gives the statistics input validation needs (finite,
-min, max, largest asymmetry) by the fastest pass available for the tensor:
-one compiled pass on the CPU when numba is installed, else torch reductions
-read back with one host synchronisation.
+min, max, largest asymmetry) by the fastest passes available for the tensor:
+on the CPU with numba, one ``torch.aminmax`` pass and one compiled tiled pass
+for the asymmetry; otherwise torch reductions read back with one host
+synchronisation.
 """
 
 from __future__ import annotations

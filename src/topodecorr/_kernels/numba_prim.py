@@ -185,8 +185,8 @@ def prim_abs_max(C: np.ndarray) -> np.ndarray:
     return _prim(Ci, _MODE_ABS_MAX, consts)
 
 
-def _prim_many_body(flat, offsets, sizes, eoff, order, mode, consts, parallel):  # pragma: no cover - compiled
-    """Prim's on each matrix of a batch, in parallel over the matrices (``parallel``).
+def _prim_many_body(flat, offsets, sizes, eoff, order, mode, consts):  # pragma: no cover - compiled
+    """Prim's on each matrix of a batch, in parallel over the matrices in the ``parallel=True`` build.
 
     Matrix ``l`` is ``flat[offsets[l]: offsets[l] + n * n]`` viewed as (n, n),
     ``n = sizes[l]``; its ``n - 1`` edges go to ``out[eoff[l]: eoff[l + 1]]``.
@@ -249,7 +249,7 @@ def prim_many(mats: list[np.ndarray], abs_corr: bool, parallel: bool = True) -> 
         raise TypeError(f"expected float32 or float64 matrices, got dtype {flat.dtype}")
     order = np.argsort(-sizes, kind="stable")
     kernel = _prim_many_parallel if parallel else _prim_many_serial
-    out = kernel(bits, offsets[:-1], sizes, eoff, order, _MODE_ABS_MAX if abs_corr else _MODE_MIN, consts, parallel)
+    out = kernel(bits, offsets[:-1], sizes, eoff, order, _MODE_ABS_MAX if abs_corr else _MODE_MIN, consts)
     return [out[eoff[l] : eoff[l + 1]] for l in range(len(mats))]
 
 
