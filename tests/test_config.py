@@ -25,8 +25,7 @@ def test_train_defaults_are_the_papers():
     assert (cfg.lr, cfg.momentum, cfg.nesterov, cfg.lr_decay, cfg.decay_steps) == (0.01, 0.9, True, 0.95, 3520)
     assert (cfg.batch_size, cfg.patience, cfg.max_epochs, cfg.sampling, cfg.fraction) == (256, 20, 1200, "all", 1.0)
     assert PAPER_WEIGHTS == (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 5.0, 10.0, 100.0)
-    assert PENALTIES[:7] == ("none", "l1", "l2", "mean_abs_corr", "decov", "t1", "t2")
-    assert PENALTIES[7:] == ("t2_live",)  # T2 with dead neurons out of the cloud
+    assert PENALTIES == ("none", "l1", "l2", "mean_abs_corr", "decov", "decov_layer", "act_l2", "t1", "t2", "t2_live")
 
 
 def test_grid_none_runs_once_per_network_and_seed():
@@ -106,7 +105,8 @@ def test_presets_ship_and_validate():
         cfg.validate_names()
         assert names[name], f"preset {name} has no description"
     quick = load_preset("quick")
-    assert quick.dataset == "digits" and len(quick.seeds) >= 3 and set(quick.penalties) == set(PENALTIES[:7])
+    assert quick.dataset == "digits" and len(quick.seeds) >= 3 and set(quick.penalties) == {
+        "none", "l1", "l2", "mean_abs_corr", "decov", "t1", "t2"}
     assert [n.model for n in quick.networks] == ["mlp", "mlp-dropout", "mlp-deep"]
     full = load_preset("paper-fashion-mnist")
     assert full.weights == PAPER_WEIGHTS and full.train == TrainConfig()

@@ -1,4 +1,4 @@
-"""t1, t2, mean_abs_correlation, decov, l1, l2 against closed forms and NumPy references."""
+"""t1, t2, mean_abs_correlation, decov, l1, l2, decov_layer, act_l2 against closed forms and NumPy references."""
 
 from __future__ import annotations
 
@@ -278,6 +278,7 @@ def test_registry_covers_every_penalty_once_with_its_kind():
     assert dict((n, p.kind) for n, p in REGISTRY.items()) == {
         "none": "activations", "t1": "deaths", "t2": "deaths", "mean_abs_corr": "activations",
         "decov": "activations", "l1": "parameters", "l2": "parameters",
+        "decov_layer": "activations", "act_l2": "activations",
     }
     assert all(p.name == n and p.kind in KINDS for n, p in REGISTRY.items())
     with pytest.raises(TypeError):
@@ -310,7 +311,7 @@ def test_names_and_lookup_errors():
 
     assert names("deaths") == ("t1", "t2")
     assert names("parameters") == ("l1", "l2")
-    assert set(names()) == {"none", "t1", "t2", "mean_abs_corr", "decov", "l1", "l2"}
+    assert set(names()) == {"none", "t1", "t2", "mean_abs_corr", "decov", "l1", "l2", "decov_layer", "act_l2"}
     with pytest.raises(ValueError, match="unknown penalty kind"):
         names("weights")
     with pytest.raises(ValueError, match=r"unknown penalty 't9'; choose one of"):
@@ -333,3 +334,88 @@ def test_pipeline_and_hooks_read_the_registry():
             td.decorrelation_penalty([acts], name)
         with pytest.raises(ValueError, match="parameters"):
             td.Decorrelation(_net(), penalty=name)
+
+
+# --------------------------------------------------------------------------- DeCov per layer, activation L2
+
+
+def test_act_l2_closed_form_gradient_and_numpy():
+    from topodecorr.penalties import act_l2
+
+    assert act_l2(torch.tensor([[1.0, 2.0], [3.0, 0.0]])).item() == 7.0  # (1 + 4 + 9) / 2
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(12, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    a = A.detach().numpy()
+    assert act_l2(A).item() == pytest.approx(np.sum(a**2) / 12, rel=1e-12)
+    act_l2(A).backward()
+    np.testing.assert_allclose(A.grad.numpy(), 2 * a / 12, rtol=1e-12)  # d/dA ||A||^2 / B = 2A / B
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = act_l2(A.detach().float())
+    assert out.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"\(batch, neurons\)"):
+        act_l2(torch.ones(3))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        act_l2(np.ones((2, 2)))
+
+
+def test_act_l2_is_a_scale_not_a_correlation():
+    """Scaling the activations by c scales act_l2 by c^2 and leaves their correlations alone."""
+    from topodecorr.penalties import REGISTRY, act_l2
+
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    assert act_l2(3 * A).item() == pytest.approx(9 * act_l2(A).item(), rel=1e-12)
+    assert REGISTRY["mean_abs_corr"](3 * A).item() == pytest.approx(REGISTRY["mean_abs_corr"](A).item(), rel=1e-12)
+    assert REGISTRY["act_l2"](A).item() == act_l2(A).item()
+
+
+def test_act_l2_pooled_equals_per_layer():
+    import topodecorr as td
+
+    g = torch.Generator().manual_seed(3)
+    h, out = torch.randn(16, 7, generator=g, dtype=torch.float64), torch.randn(16, 3, generator=g, dtype=torch.float64)
+    expected = (np.sum(h.numpy() ** 2) + np.sum(out.numpy() ** 2)) / 16
+    for pooled in (True, False):
+        assert td.decorrelation_penalty([h, out], "act_l2", weight=0.5, pooled=pooled).item() == pytest.approx(
+            0.5 * expected, rel=1e-12)
+
+
+def test_decov_layer_is_the_sum_over_hidden_layers_without_the_logits():
+    """Cogswell et al.'s DeCov: each hidden layer its own covariance; the output layer left out."""
+    import topodecorr as td
+
+    g = torch.Generator().manual_seed(4)
+    h1 = torch.randn(32, 6, generator=g, dtype=torch.float64)
+    h2 = torch.randn(32, 4, generator=g, dtype=torch.float64) + h1[:, :1]  # correlated with h1
+    out = torch.randn(32, 3, generator=g, dtype=torch.float64)
+    expected = _decov_numpy(h1.numpy()) + _decov_numpy(h2.numpy())
+    for pooled in (True, False):  # always per layer
+        got = td.decorrelation_penalty([h1, h2, out], "decov_layer", weight=2.0, pooled=pooled)
+        assert got.item() == pytest.approx(2.0 * expected, rel=1e-10)
+    # the pooled "decov" also counts the covariances between layers and of the logits: larger here
+    pooled_all = td.decorrelation_penalty([h1, h2, out], "decov").item()
+    assert pooled_all == pytest.approx(_decov_numpy(np.hstack([h1.numpy(), h2.numpy(), out.numpy()])), rel=1e-10)
+    assert pooled_all > expected
+    # layers with different sample counts are fine (no pooled cloud)
+    wide = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    got = td.decorrelation_penalty([wide, h2, out], "decov_layer")
+    assert got.item() == pytest.approx(_decov_numpy(wide.numpy()) + _decov_numpy(h2.numpy()), rel=1e-10)
+
+
+def test_decov_layer_through_the_hooks_reads_the_hidden_relus():
+    import topodecorr as td
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x = torch.randn(20, 5, dtype=torch.float64)
+    with torch.no_grad():
+        h1 = net[1](net[0](x))
+        h2 = net[3](net[2](h1))
+    expected = _decov_numpy(h1.numpy()) + _decov_numpy(h2.numpy())
+    with td.Decorrelation(net, penalty="decov_layer", weight=0.1) as reg:
+        net(x)
+        value = reg.penalty()
+    assert value.item() == pytest.approx(0.1 * expected, rel=1e-10)
+    value.backward()  # a graph to the weights
+    assert net[0].weight.grad.abs().sum() > 0
+    assert not net[4].weight.grad.any()  # the logits carry no DeCov

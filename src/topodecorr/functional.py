@@ -26,6 +26,9 @@ Penalties (``lam`` is the weight):
 * ``"t2"``: lam * (alpha * std(d) - (1 - alpha) * mean(d));
 * ``"mean_abs_corr"``: lam * mean |corr| over off-diagonal pairs (the paper's naive baseline);
 * ``"decov"``: lam * DeCov of the sampled neurons (Cogswell et al., 2016);
+* ``"decov_layer"``: lam * the sum over hidden layers of each layer's DeCov (the
+  original paper's form: one cloud per layer whatever ``pooled`` says, no logits);
+* ``"act_l2"``: lam * ||A||_F^2 / B, a scale control that shrinks without decorrelating;
 * ``"none"``: 0 (a control that still runs capture and sampling).
 
 Dead neurons (constant over the batch, e.g. a ReLU that never fires) have no
@@ -50,7 +53,7 @@ import torch
 from . import _checks
 from ._checks import DEAD_NEURONS, PIPELINE_KINDS as KINDS
 from .correlation import normalize_activations
-from .penalties import names
+from .penalties import PER_HIDDEN_LAYER, names
 from .persistence import correlation_deaths, correlation_deaths_many
 from .sampling import select_neurons
 
@@ -303,6 +306,8 @@ def decorrelation_result(
             raise ValueError(
                 f"activation {k} must be (samples, units); flatten it first (flatten_activation), got {shape}"
             )
+    per_layer = entry.name in PER_HIDDEN_LAYER  # decov_layer: one cloud per hidden layer, no logits
+    pooled = pooled and not per_layer
     if pooled:
         _check_same_samples(acts)
     if output_layers is None:
@@ -326,7 +331,7 @@ def decorrelation_result(
     empty = [dead_neurons == "drop" and g.shape[1] < 2 for g in groups]
     many = _trees(groups, empty, entry, dissimilarity, backend, edges)
     for g_i, g in enumerate(groups):
-        if empty[g_i]:
+        if empty[g_i] or (per_layer and output_layers[g_i]):
             values.append(g.sum() * 0.0)
             if entry.kind == "deaths":
                 deaths.append(g.new_zeros(0))

@@ -27,6 +27,8 @@ name               kind           value
 ``decov``          activations    :func:`decov` of the (samples, neurons) matrix
 ``l1``             parameters     :func:`l1` of the trainable parameters
 ``l2``             parameters     :func:`l2` of the trainable parameters
+``decov_layer``    activations    :func:`decov` per hidden layer, summed (no logits)
+``act_l2``         activations    :func:`act_l2`: ||A||_F^2 / B (a scale control)
 =================  =============  ==============================================
 
 ``"deaths"`` penalties need a spanning tree of the neurons, ``"activations"``
@@ -282,7 +284,7 @@ def names(*kinds: str) -> tuple[str, ...]:
     >>> names("deaths")
     ('t1', 't2')
     >>> names("deaths", "activations")
-    ('none', 't1', 't2', 'mean_abs_corr', 'decov')
+    ('none', 't1', 't2', 'mean_abs_corr', 'decov', 'decov_layer', 'act_l2')
     """
     for k in kinds:
         if k not in KINDS:
@@ -309,7 +311,7 @@ def lookup(name: str, kinds: tuple[str, ...] = KINDS, where: str = "penalty") ->
     >>> lookup("l1", kinds=("deaths", "activations"))
     Traceback (most recent call last):
     ...
-    ValueError: penalty 'l1' acts on the model's parameters, not on activations: compute it as topodecorr.l1(model); here choose one of ('none', 't1', 't2', 'mean_abs_corr', 'decov')
+    ValueError: penalty 'l1' acts on the model's parameters, not on activations: compute it as topodecorr.l1(model); here choose one of ('none', 't1', 't2', 'mean_abs_corr', 'decov', 'decov_layer', 'act_l2')
     """
     allowed = names(*kinds)
     entry = REGISTRY.get(name) if isinstance(name, str) else None
@@ -323,3 +325,53 @@ def lookup(name: str, kinds: tuple[str, ...] = KINDS, where: str = "penalty") ->
             )
         raise ValueError(f"{where} {name!r} is a {entry.kind} penalty; here choose one of {allowed}")
     return entry
+
+
+# --------------------------------------------------------------------------- DeCov per layer, activation L2
+#
+# Two entries added to the registry after the paper's comparison was first run:
+#
+# * ``decov_layer``: DeCov as Cogswell et al. define it, on the hidden layers only and
+#   one layer at a time (the sum over hidden layers of each layer's DeCov). ``decov``
+#   above is the same function of whatever cloud it is given, which in the pipeline's
+#   default pooled cloud means all hidden layers *and the logits* side by side, so it
+#   also penalises covariances across layers and of the output.
+# * ``act_l2``: a scale control. It shrinks the activations without asking them to
+#   decorrelate; a penalty that helps only as much as ``act_l2`` does, helps by shrinking.
+
+__all__ += ["act_l2", "PER_HIDDEN_LAYER"]
+
+
+def act_l2(acts: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of the squared L2 norm of the activation vector: ``||A||_F^2 / B``.
+
+    ``acts`` is a (B, n) matrix. The value is additive over neurons, so one pooled cloud
+    and one cloud per layer give the same sum. Computed in float32 under autocast.
+
+    Examples
+    --------
+    >>> import torch
+    >>> act_l2(torch.tensor([[1.0, 2.0], [3.0, 0.0]]))   # (1 + 4 + 9 + 0) / 2
+    tensor(7.)
+    """
+    if not isinstance(acts, torch.Tensor):
+        raise TypeError(f"acts must be a torch.Tensor of shape (batch, neurons), got {type(acts).__name__}")
+    if acts.dim() != 2 or acts.shape[0] == 0:
+        raise ValueError(f"acts must have shape (batch, neurons) with batch >= 1, got {tuple(acts.shape)}")
+    with torch.autocast(device_type=acts.device.type, enabled=False):
+        x = acts.double() if acts.dtype == torch.float64 else acts.float()
+        return (x * x).sum() / x.shape[0]
+
+
+#: Penalties the pipeline (:func:`topodecorr.decorrelation_result`) applies to each hidden
+#: layer on its own: one point cloud per layer whatever ``pooled`` says, and output layers
+#: (the logits) contribute nothing.
+PER_HIDDEN_LAYER = frozenset({"decov_layer"})
+
+REGISTRY = MappingProxyType(
+    {
+        **REGISTRY,
+        "decov_layer": Penalty("decov_layer", "activations", decov),
+        "act_l2": Penalty("act_l2", "activations", act_l2),
+    }
+)

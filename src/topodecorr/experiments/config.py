@@ -70,10 +70,16 @@ class ConfigError(ValueError):
 #: point cloud instead of counting as uncorrelated (the paper's convention). There is no
 #: ``t1_live``: dead neurons join the tree with deaths of 1 and add 1 - 1 = 0 to T1, so T1's
 #: value and gradient are the same under both policies (tests/test_functional.py).
-PENALTIES: tuple[str, ...] = ("none", "l1", "l2", "mean_abs_corr", "decov", "t1", "t2", "t2_live")
+#: ``decov`` is DeCov of one cloud of the hidden layers and the logits; ``decov_layer`` is
+#: DeCov as its paper defines it (each hidden layer on its own, summed, no logits);
+#: ``act_l2`` (``||A||^2 / B`` of the same neurons as ``decov``) is a scale control: it
+#: shrinks activations and logits without decorrelating them.
+PENALTIES: tuple[str, ...] = (
+    "none", "l1", "l2", "mean_abs_corr", "decov", "decov_layer", "act_l2", "t1", "t2", "t2_live"
+)
 
 #: Penalties computed from the captured activations (the rest act on weights).
-DECORRELATION_PENALTIES: tuple[str, ...] = ("mean_abs_corr", "decov", "t1", "t2", "t2_live")
+DECORRELATION_PENALTIES: tuple[str, ...] = ("mean_abs_corr", "decov", "decov_layer", "act_l2", "t1", "t2", "t2_live")
 
 #: Sweep penalty label -> (library penalty, dead-neuron policy) for the labels that differ.
 PENALTY_VARIANTS: dict[str, tuple[str, str]] = {"t2_live": ("t2", "drop")}
