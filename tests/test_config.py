@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -177,3 +178,145 @@ def test_name_registries_need_no_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+# -- two-stage sweeps and per-seed splits ------------------------------------------------------
+
+STAGED = {
+    "dataset": "digits", "networks": ["mlp", "mlp-deep"], "penalties": ["none", "l2", "t1"],
+    "weights": [1e-6, 1e-4, 1e-2, 1.0, 100.0], "seeds": [0, 1, 2, 3],
+    "stages": {"wide_seeds": [0, 1], "neighbours": 1},
+}
+
+
+def _row(net, pen, w, seed, acc, loss=1.0, status="done"):
+    return dict(network=net, penalty=pen, weight=w, seed=seed, status=status, val_acc=acc, val_loss=loss)
+
+
+def _stage_one(best: dict[tuple[str, str], float]) -> list[dict]:
+    """Finished stage-1 rows whose mean validation accuracy peaks at ``best[(net, pen)]``."""
+    rows = []
+    for net in ("mlp", "mlp-deep"):
+        rows += [_row(net, "none", 0.0, s, 0.5) for s in (0, 1)]
+        for pen in ("l2", "t1"):
+            for w in STAGED["weights"]:
+                for s in (0, 1):
+                    rows.append(_row(net, pen, w, s, 0.9 if w == best[(net, pen)] else 0.6 + 0.01 * s))
+    return rows
+
+
+def test_stage_one_is_the_wide_grid_on_the_wide_seeds():
+    cfg = parse_sweep(STAGED)
+    grid = cfg.grid()
+    assert {s for *_, s in grid} == {0, 1}
+    assert len(grid) == 2 * 2 * (1 + 2 * 5)  # seeds x networks x (none + 2 penalties x 5 weights)
+    assert cfg.stages.run == 1 and cfg.to_dict()["stages"] == {"wide_seeds": [0, 1], "neighbours": 1}
+
+
+def test_stage_two_takes_the_best_weight_and_its_neighbours_on_every_seed():
+    from topodecorr.experiments.config import selection_weights, stage_two_weights
+
+    cfg = parse_sweep({**STAGED, "stages": {**STAGED["stages"], "run": 2}})
+    best = {("mlp", "l2"): 1e-6, ("mlp", "t1"): 1e-2, ("mlp-deep", "l2"): 100.0, ("mlp-deep", "t1"): 1e-4}
+    rows = _stage_one(best)
+    chosen = stage_two_weights(cfg, rows)
+    assert chosen == {("mlp", "l2"): (1e-6, 1e-4), ("mlp", "t1"): (1e-4, 1e-2, 1.0),
+                      ("mlp-deep", "l2"): (1.0, 100.0), ("mlp-deep", "t1"): (1e-6, 1e-4, 1e-2)}
+    grid = cfg.grid(rows)
+    assert {s for *_, s in grid} == {0, 1, 2, 3}
+    per_seed = [(n, p, w) for n, p, w, s in grid if s == 3]
+    assert per_seed.count(("mlp", "none", 0.0)) == 1
+    assert [w for n, p, w in per_seed if (n, p) == ("mlp", "t1")] == [1e-4, 1e-2, 1.0]
+    assert len(per_seed) == 2 + 2 + 3 + 2 + 3  # none x 2 nets and the neighbourhoods
+    # the report's selection: every weight until a stage-2 seed has a run, then the neighbourhoods
+    stored = cfg.to_dict()
+    assert selection_weights(stored, rows) is None
+    assert selection_weights(stored, rows + [_row("mlp", "none", 0.0, 2, 0.5)]) == chosen
+    assert selection_weights(parse_sweep({k: v for k, v in STAGED.items() if k != "stages"}).to_dict(), rows) is None
+
+
+def test_stage_two_ties_divergence_and_unfinished_runs():
+    from topodecorr.experiments.config import stage_two_weights
+
+    cfg = parse_sweep({**STAGED, "networks": ["mlp"], "penalties": ["t1"], "stages": {"wide_seeds": [0], "neighbours": 0}})
+    flat = [_row("mlp", "t1", w, 0, 0.8, loss=2.0) for w in STAGED["weights"]]
+    assert stage_two_weights(cfg, flat) == {("mlp", "t1"): (1e-6,)}  # all tied: the smallest weight
+    lower_loss = [dict(r, val_loss=0.5) if r["weight"] == 1.0 else r for r in flat]
+    assert stage_two_weights(cfg, lower_loss) == {("mlp", "t1"): (1.0,)}  # ties: the lower loss
+    diverged = [dict(r, status="diverged", val_acc=None, val_loss=None) if r["weight"] == 1e-6 else r for r in flat]
+    assert stage_two_weights(cfg, diverged) == {("mlp", "t1"): (1e-4,)}  # diverged counts as accuracy 0
+    with pytest.raises(ConfigError, match=r"1 are not \(e.g. mlp t1 100 seed 0\).*stages.run = 1"):
+        stage_two_weights(cfg, flat[:-1] + [dict(flat[-1], status="pending")])
+    with pytest.raises(ConfigError, match="pass the database's runs"):
+        parse_sweep({**STAGED, "stages": {"wide_seeds": [0], "run": 2}}).grid()
+
+
+@pytest.mark.parametrize("stages, message", [
+    ({"wide_seeds": [7]}, r"stages.wide_seeds: \[7\] not among"),
+    ({"wide_seeds": []}, "at least one seed"),
+    ({"neighbours": 1}, "expected a list of the stage-1 seeds"),
+    ({"wide_seeds": [0], "neighbours": -1}, "neighbours: must be an integer >= 0"),
+    ({"wide_seeds": [0], "run": 3}, "the stage to run is 1 or 2"),
+    ({"wide_seeds": [0], "seeds": 1}, r"unknown key\(s\) \['seeds'\]"),
+    ([0, 1], "expected a table"),
+])
+def test_bad_stages_raise_clear_errors(stages, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_sweep({**STAGED, "stages": stages})
+
+
+def test_split_per_seed_and_stored_protocol_of_earlier_sweeps():
+    plain = parse_sweep({"dataset": "digits", "split_seed": 3})
+    assert [plain.split_seed_of(s) for s in (0, 4)] == [3, 3]
+    assert "split_per_seed" not in plain.to_dict() and "stages" not in plain.to_dict()  # old databases resume
+    fresh = parse_sweep({"dataset": "digits", "split_seed": 3, "split_per_seed": True, "seeds": [0, 4]})
+    assert [fresh.split_seed_of(s) for s in (0, 4)] == [3, 7] and fresh.to_dict()["split_per_seed"] is True
+    from topodecorr.experiments.sweep import run_specs
+
+    assert [s.split_seed for s in run_specs(fresh) if s.penalty == "none"] == [3, 3, 3, 7, 7, 7]
+    with pytest.raises(ConfigError, match="split_per_seed: must be true or false"):
+        parse_sweep({"dataset": "digits", "split_per_seed": "yes"})
+
+
+@pytest.mark.slow
+def test_two_stages_run_into_one_database(tmp_path):
+    """Stage 1 then stage 2 with --set stages.run=2: one folder, the protocol unchanged, stage 1 kept."""
+    from topodecorr.experiments.config import stage_two_weights
+    from topodecorr.experiments.store import ResultStore
+    from topodecorr.experiments.sweep import DB_NAME, run_sweep
+
+    path = tmp_path / "s.toml"
+    path.write_text(
+        'dataset = "digits"\nnetworks = [{ label = "small", model = "mlp", params = { hidden = [16] } }]\n'
+        'penalties = ["none", "l2"]\nweights = [1e-4, 1e-2, 1.0]\nseeds = [0, 1]\nsplit_per_seed = true\n'
+        '[stages]\nwide_seeds = [0]\nneighbours = 0\n[train]\nmax_epochs = 2\nprobe_batch = 32\n'
+    )
+    quiet = dict(workers=1, progress=False, log=lambda m: None)
+    with pytest.raises(ConfigError, match="stage 2 needs every stage-1 run finished"):
+        run_sweep(load_sweep(path, ["stages.run=2"]), tmp_path / "out", **quiet)
+    run_sweep(load_sweep(path), tmp_path / "out", **quiet)
+    with ResultStore(tmp_path / "out" / DB_NAME, create=False) as store:
+        first = store.runs()
+    assert len(first) == 4 and {r["seed"] for r in first} == {0}
+    assert all(json.loads(r["config"])["split_seed"] == 0 for r in first)
+    cfg2 = load_sweep(path, ["stages.run=2"])
+    (w,) = stage_two_weights(cfg2, first)[("small", "l2")]
+    run_sweep(cfg2, tmp_path / "out", **quiet)
+    with ResultStore(tmp_path / "out" / DB_NAME, create=False) as store:
+        runs = store.runs()
+    second = [r for r in runs if r["seed"] == 1]
+    assert sorted((r["penalty"], r["weight"]) for r in second) == [("l2", w), ("none", 0.0)]
+    assert all(json.loads(r["config"])["split_seed"] == 1 and r["status"] == "done" for r in second)
+    assert [r for r in runs if r["seed"] == 0] == first  # stage 1 untouched
+
+
+def test_evidence_presets_bracket_and_converge():
+    """The evidence sweeps: the paper's whole grid in two stages, its early stopping, a split per seed."""
+    for name in ("evidence-digits", "evidence-mnist1d", "evidence-fashion-mnist"):
+        cfg = load_preset(name, check_names=True)
+        assert cfg.weights == PAPER_WEIGHTS and cfg.split_per_seed and len(cfg.seeds) == 5
+        assert cfg.stages is not None and cfg.stages.run == 1 and cfg.stages.neighbours >= 1
+        assert cfg.train.patience == 20 and cfg.train.max_epochs >= 400
+        assert {"decov", "decov_layer", "act_l2", "t1", "t2"} <= set(cfg.penalties)
+        stage2 = load_preset(name, ["stages.run=2"])
+        assert stage2.to_dict() == cfg.to_dict()  # both stages write one database

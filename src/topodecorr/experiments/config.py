@@ -25,6 +25,23 @@ A sweep file looks like this (every key optional except ``dataset``)::
     [train]
     max_epochs = 50
     patience = 5
+
+Two-stage sweeps
+----------------
+A grid of all of the paper's weights on every seed costs more than it tells. With a
+``[stages]`` table a sweep runs in two stages into the same folder, one command each
+(both resume like any sweep):
+
+* **stage 1** (``stages.run = 1``, the default): every weight of ``weights`` on the
+  ``wide_seeds`` only;
+* **stage 2** (``--set stages.run=2``): every seed at, per network and penalty, the
+  weight with the best mean validation accuracy over the wide seeds and its
+  ``neighbours`` nearest weights of the grid on each side
+  (:func:`stage_two_weights`). The runs of stage 1 are kept; the choice per seed is
+  then made among those weights only (:func:`selection_weights`).
+
+``split_per_seed = true`` draws the train / validation split afresh for every seed
+(split seed ``split_seed + seed``), so that seeds also sample the split.
 """
 
 from __future__ import annotations
@@ -45,12 +62,15 @@ __all__ = [
     "PENALTY_VARIANTS",
     "PAPER_WEIGHTS",
     "NetworkSpec",
+    "Stages",
     "TrainConfig",
     "SweepConfig",
     "parse_network",
     "check_dataset_name",
     "check_network",
     "parse_sweep",
+    "stage_two_weights",
+    "selection_weights",
     "apply_override",
     "load_sweep",
     "list_presets",
@@ -235,7 +255,9 @@ class NetworkSpec:
         return dict(self.params)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "model": self.model, "params": dict(self.params)}
+        # lists, as JSON stores them: a stored network compares equal to the same one parsed again
+        params = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params}
+        return {"label": self.label, "model": self.model, "params": params}
 
 
 def parse_network(item: Any, where: str = "networks[0]") -> NetworkSpec:
@@ -289,6 +311,53 @@ def check_network(net: NetworkSpec) -> None:
 
 
 @dataclass(frozen=True)
+class Stages:
+    """The two-stage plan of a sweep (see the module docstring).
+
+    Attributes
+    ----------
+    wide_seeds : tuple of int
+        Seeds of stage 1 (every weight); a subset of the sweep's seeds.
+    neighbours : int
+        Weights of the grid taken on each side of the stage-1 best in stage 2.
+    run : int
+        The stage this command runs (1 or 2); not part of the stored protocol.
+    """
+
+    wide_seeds: tuple[int, ...]
+    neighbours: int = 1
+    run: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.wide_seeds, tuple) or not self.wide_seeds:
+            raise ConfigError("stages.wide_seeds: at least one seed is needed for stage 1")
+        for s in self.wide_seeds:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                raise ConfigError(f"stages.wide_seeds: every seed must be a non-negative integer, got {s!r}")
+        if len(set(self.wide_seeds)) != len(self.wide_seeds):
+            raise ConfigError(f"stages.wide_seeds: duplicates in {list(self.wide_seeds)}")
+        if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or self.neighbours < 0:
+            raise ConfigError(f"stages.neighbours: must be an integer >= 0, got {self.neighbours!r}")
+        if self.run not in (1, 2) or isinstance(self.run, bool):
+            raise ConfigError(f"stages.run: the stage to run is 1 or 2, got {self.run!r}")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Stages":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"stages: expected a table, got {data!r}")
+        unknown = sorted(set(data) - {"wide_seeds", "neighbours", "run"})
+        if unknown:
+            raise ConfigError(f"stages: unknown key(s) {unknown}; known keys: ['neighbours', 'run', 'wide_seeds']")
+        if "wide_seeds" not in data or not isinstance(data["wide_seeds"], list):
+            raise ConfigError("stages.wide_seeds: expected a list of the stage-1 seeds, e.g. [0, 1]")
+        return cls(tuple(data["wide_seeds"]), data.get("neighbours", 1), data.get("run", 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored protocol: without ``run`` (both stages write one database)."""
+        return {"wide_seeds": list(self.wide_seeds), "neighbours": self.neighbours}
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """A sweep: ``networks x penalties x weights x seeds`` on one dataset.
 
@@ -319,6 +388,11 @@ class SweepConfig:
         Fraction of the training set held out for validation (paper: 0.2).
     description : str
         Free text shown in the report.
+    split_per_seed : bool
+        Draw the split afresh for every seed (split seed ``split_seed + seed``); the
+        penalties of one seed still share it, so their comparison stays paired.
+    stages : Stages or None
+        A two-stage plan (None: the whole grid at once).
     """
 
     dataset: str
@@ -336,6 +410,8 @@ class SweepConfig:
     split_seed: int = 0  # one split for the whole sweep
     val_fraction: float = 0.2  # paper: 80/20 train/validation split
     description: str = ""
+    split_per_seed: bool = False  # True: each seed its own split (split_seed + seed)
+    stages: Stages | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -377,6 +453,18 @@ class SweepConfig:
             raise ConfigError(f"val_fraction: must lie in (0, 1), got {self.val_fraction!r}")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise ConfigError(f"data_dir: must be a path string, got {self.data_dir!r}")
+        if not isinstance(self.split_per_seed, bool):
+            raise ConfigError(f"split_per_seed: must be true or false, got {self.split_per_seed!r}")
+        if self.stages is not None:
+            if not isinstance(self.stages, Stages):
+                raise ConfigError(f"stages: expected a [stages] table, got {self.stages!r}")
+            extra = [s for s in self.stages.wide_seeds if s not in self.seeds]
+            if extra:
+                raise ConfigError(f"stages.wide_seeds: {extra} not among the sweep's seeds {list(self.seeds)}")
+
+    def split_seed_of(self, seed: int) -> int:
+        """The split seed of the runs of ``seed``: ``split_seed``, plus ``seed`` with ``split_per_seed``."""
+        return self.split_seed + seed if self.split_per_seed else self.split_seed
 
     def validate_names(self) -> None:
         """Check dataset and model names (and model parameters) against the experiment registries.
@@ -395,18 +483,32 @@ class SweepConfig:
                 where = f"networks[{i}]" + (f" (label {net.label!r})" if net.label != net.model else "")
                 raise ConfigError(f"{where}: {exc}") from None
 
-    def grid(self) -> list[tuple[str, str, float, int]]:
+    def grid(self, runs: Sequence[Mapping[str, Any]] | None = None) -> list[tuple[str, str, float, int]]:
         """The runs as ``(network label, penalty, weight, seed)``, in a fixed order.
 
         Seeds vary slowest so that a partial sweep already holds complete blocks.
+        With :attr:`stages`: stage 1 is every weight on the wide seeds; stage 2 every
+        seed at the weights :func:`stage_two_weights` picks from ``runs`` (the
+        database's run rows, which stage 2 needs).
         """
-        runs = []
-        for seed in self.seeds:
+        seeds, chosen = self.seeds, None
+        if self.stages is not None and self.stages.run == 1:
+            seeds = tuple(s for s in self.seeds if s in self.stages.wide_seeds)
+        elif self.stages is not None:
+            if runs is None:
+                raise ConfigError("stage 2 picks its weights from the stage-1 results: pass the database's runs")
+            chosen = stage_two_weights(self, runs)
+        out = []
+        for seed in seeds:
             for net in self.networks:
                 for penalty in self.penalties:
-                    for weight in (0.0,) if penalty == "none" else self.weights:
-                        runs.append((net.label, penalty, float(weight), seed))
-        return runs
+                    if penalty == "none":
+                        weights: Sequence[float] = (0.0,)
+                    else:
+                        weights = self.weights if chosen is None else chosen[(net.label, penalty)]
+                    for weight in weights:
+                        out.append((net.label, penalty, float(weight), seed))
+        return out
 
     def network(self, label: str) -> NetworkSpec:
         for net in self.networks:
@@ -427,6 +529,9 @@ class SweepConfig:
             "weights": [float(w) for w in self.weights],
             "seeds": list(self.seeds),
             "train": self.train.to_dict(),
+            # written only when set, so that the databases of earlier sweeps keep their protocol
+            **({"split_per_seed": True} if self.split_per_seed else {}),
+            **({"stages": self.stages.to_dict()} if self.stages is not None else {}),
         }
 
     def replace(self, **changes: Any) -> "SweepConfig":
@@ -435,7 +540,7 @@ class SweepConfig:
 
 _SWEEP_KEYS = (
     "name", "description", "dataset", "data_dir", "split_seed", "val_fraction",
-    "networks", "penalties", "weights", "seeds", "train",
+    "networks", "penalties", "weights", "seeds", "train", "split_per_seed", "stages",
 )
 
 
@@ -458,7 +563,7 @@ def parse_sweep(data: Mapping[str, Any], source: str = "<config>") -> SweepConfi
         if "dataset" not in data:
             raise ConfigError("missing key 'dataset' (e.g. dataset = \"digits\")")
         kwargs: dict[str, Any] = {}
-        for key in ("name", "description", "dataset", "data_dir", "split_seed", "val_fraction"):
+        for key in ("name", "description", "dataset", "data_dir", "split_seed", "val_fraction", "split_per_seed"):
             if key in data:
                 kwargs[key] = data[key]
         for key in ("penalties", "weights", "seeds", "networks"):
@@ -476,11 +581,106 @@ def parse_sweep(data: Mapping[str, Any], source: str = "<config>") -> SweepConfi
             kwargs["seeds"] = tuple(data["seeds"])
         if "train" in data:
             kwargs["train"] = TrainConfig.from_dict(data["train"])
+        if "stages" in data:
+            kwargs["stages"] = Stages.from_dict(data["stages"])
         return SweepConfig(**kwargs)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     except TypeError as exc:  # wrong value types deep inside
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _stage_one_scores(config: SweepConfig, runs: Sequence[Mapping[str, Any]]) -> tuple[dict, list[str]]:
+    """(network, penalty) -> [(-mean val acc, mean val loss, weight)] over the wide seeds, and what is missing."""
+    wide = config.stages.wide_seeds if config.stages is not None else config.seeds
+    rows = {(r["network"], r["penalty"], float(r["weight"]), int(r["seed"])): r for r in runs}
+    scores: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    missing = []
+    for net in config.networks:
+        for penalty in config.penalties:
+            if penalty == "none":
+                continue
+            for w in config.weights:
+                accs, losses = [], []
+                for seed in wide:
+                    r = rows.get((net.label, penalty, float(w), seed))
+                    if r is None or r.get("status") not in ("done", "diverged"):
+                        missing.append(f"{net.label} {penalty} {w:g} seed {seed}")
+                        continue
+                    done = r["status"] == "done" and r.get("val_acc") is not None
+                    accs.append(float(r["val_acc"]) if done else 0.0)  # a diverged run counts as accuracy 0
+                    losses.append(float(r["val_loss"]) if done and r.get("val_loss") is not None else math.inf)
+                if len(accs) == len(wide):
+                    scores.setdefault((net.label, penalty), []).append(
+                        (-sum(accs) / len(accs), sum(losses) / len(losses), float(w)))
+    return scores, missing
+
+
+def stage_two_weights(config: SweepConfig, runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], tuple[float, ...]]:
+    """Stage 2's weights per (network, penalty): the stage-1 best and its neighbours in the grid.
+
+    The best weight has the highest mean validation accuracy over the wide seeds (a
+    diverged run counts as accuracy 0); ties go to the lower mean validation loss, then
+    the smaller weight. Its ``neighbours`` nearest weights of the sorted grid on each
+    side join it (fewer at an end of the grid).
+
+    Parameters
+    ----------
+    config : SweepConfig
+        With a :attr:`~SweepConfig.stages` plan.
+    runs : sequence of mapping
+        Run rows (``network, penalty, weight, seed, status, val_acc, val_loss``).
+
+    Raises
+    ------
+    ConfigError
+        A stage-1 run has not finished (done or diverged).
+
+    Examples
+    --------
+    >>> cfg = parse_sweep({"dataset": "digits", "networks": ["mlp"], "penalties": ["none", "t1"],
+    ...                    "weights": [1e-3, 1e-2, 0.1, 1.0], "seeds": [0, 1, 2],
+    ...                    "stages": {"wide_seeds": [0], "neighbours": 1, "run": 2}})
+    >>> runs = [dict(network="mlp", penalty="t1", weight=w, seed=0, status="done", val_acc=a, val_loss=1.0)
+    ...         for w, a in [(1e-3, 0.8), (1e-2, 0.9), (0.1, 0.85), (1.0, 0.1)]]
+    >>> stage_two_weights(cfg, runs)
+    {('mlp', 't1'): (0.001, 0.01, 0.1)}
+    """
+    if config.stages is None:
+        raise ConfigError("stage_two_weights needs a sweep with a [stages] table")
+    scores, missing = _stage_one_scores(config, runs)
+    if missing:
+        raise ConfigError(
+            f"stage 2 needs every stage-1 run finished; {len(missing)} are not (e.g. {', '.join(missing[:3])}): "
+            "run the stage-1 command again (stages.run = 1) until it completes"
+        )
+    grid = sorted(float(w) for w in config.weights)
+    k = config.stages.neighbours
+    out = {}
+    for key, rows in scores.items():
+        best = min(rows)[2]
+        i = grid.index(best)
+        out[key] = tuple(grid[max(0, i - k): i + k + 1])
+    return out
+
+
+def selection_weights(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], tuple[float, ...]] | None:
+    """The weights the validation choice may pick per (network, penalty), or None for all of them.
+
+    ``config`` is a stored sweep configuration (:meth:`SweepConfig.to_dict`). For a
+    two-stage sweep whose stage 2 has begun (a run of a seed outside the wide seeds
+    exists), the stage-2 weights (:func:`stage_two_weights`), for every seed alike;
+    otherwise None (a one-stage sweep, or stage 1 alone: every weight competes).
+    """
+    stages = config.get("stages")
+    if not stages:
+        return None
+    wide = set(stages["wide_seeds"])
+    if not any(int(r["seed"]) not in wide for r in runs):
+        return None
+    sweep = parse_sweep({k: v for k, v in config.items() if k in _SWEEP_KEYS and k != "data_dir"},
+                        source="stored sweep")
+    return stage_two_weights(sweep.replace(stages=dataclasses.replace(sweep.stages, run=2)), runs)
 
 
 def apply_override(data: dict, assignment: str, flag: str = "--set") -> None:

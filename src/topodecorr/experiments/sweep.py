@@ -174,15 +174,16 @@ class LocalExecutor:
         self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
 
 
-def run_specs(config: SweepConfig) -> list[RunSpec]:
-    """The sweep's runs as specs, in grid order.
+def run_specs(config: SweepConfig, runs: list[dict] | None = None) -> list[RunSpec]:
+    """The sweep's runs as specs, in grid order (stage 2 of a two-stage sweep reads
+    ``runs``, the database's rows, see :meth:`SweepConfig.grid`).
 
     A small correlation matrix is kept for the first seed of the first network
     (one network per penalty and weight), for the report's heat maps.
     """
     first_net, first_seed = config.networks[0].label, config.seeds[0]
     specs = []
-    for network, penalty, weight, seed in config.grid():
+    for network, penalty, weight, seed in config.grid(runs):
         net = config.network(network)
         specs.append(
             RunSpec(
@@ -195,7 +196,7 @@ def run_specs(config: SweepConfig) -> list[RunSpec]:
                 seed=seed,
                 train=config.train,
                 data_dir=config.data_dir,
-                split_seed=config.split_seed,
+                split_seed=config.split_seed_of(seed),
                 val_fraction=float(config.val_fraction),
                 keep_correlation=(network == first_net and seed == first_seed),
             )
@@ -261,7 +262,7 @@ def run_sweep(
     data = cached_dataset(config.dataset, config.data_dir, config.split_seed, float(config.val_fraction))
     store = ResultStore(out / DB_NAME)
     try:
-        specs = run_specs(config)
+        specs = run_specs(config, store.runs() if config.stages is not None else None)
         added = store.init_sweep(config, [(s.key, s.to_dict()) for s in specs], software_versions())
         store.set_meta("data", json.dumps({"source": str(data.source), "sizes": dict(data.sizes),
                                            "input_shape": list(data.input_shape), "num_classes": data.num_classes}))
