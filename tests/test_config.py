@@ -320,3 +320,51 @@ def test_evidence_presets_bracket_and_converge():
         assert {"decov", "decov_layer", "act_l2", "t1", "t2"} <= set(cfg.penalties)
         stage2 = load_preset(name, ["stages.run=2"])
         assert stage2.to_dict() == cfg.to_dict()  # both stages write one database
+
+
+def test_per_network_training_overrides():
+    cfg = parse_sweep({
+        "dataset": "fashion-mnist", "penalties": ["none", "t1"], "weights": [1e-3],
+        "networks": ["mlp", {"label": "cnn-channel", "model": "cnn2d", "train": {"mode": "channel"}},
+                     {"label": "cnn-importance", "model": "cnn2d",
+                      "train": {"sampling": "importance", "fraction": 0.01}}],
+        "train": {"max_epochs": 3},
+    })
+    assert cfg.train_for("mlp") == cfg.train and cfg.train.mode == "flatten"
+    assert cfg.train_for("cnn-channel") == TrainConfig(max_epochs=3, mode="channel")
+    assert cfg.train_for("cnn-importance") == TrainConfig(max_epochs=3, sampling="importance", fraction=0.01)
+    nets = cfg.to_dict()["networks"]
+    assert "train" not in nets[0] and nets[1]["train"] == {"mode": "channel"}
+    assert "mode" not in cfg.train.to_dict()  # the default stays out of the stored protocol
+    assert cfg.train_for("cnn-channel").to_dict()["mode"] == "channel"
+    assert parse_sweep(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()  # stored -> parsed
+    from topodecorr.experiments.sweep import run_specs
+
+    assert {s.network: s.train.mode for s in run_specs(cfg)} == {
+        "mlp": "flatten", "cnn-channel": "channel", "cnn-importance": "flatten"}
+    with pytest.raises(ConfigError, match=r"networks\[0\].train: unknown key\(s\) \['epochs'\]"):
+        parse_sweep({"dataset": "digits", "networks": [{"model": "mlp", "train": {"epochs": 3}}]})
+    with pytest.raises(ConfigError, match="train.mode: must be 'flatten' or 'channel'"):
+        parse_sweep({"dataset": "digits", "networks": [{"model": "mlp", "train": {"mode": "pixel"}}]})
+
+
+@pytest.mark.slow
+def test_channel_mode_trains_a_cnn_with_a_tree_per_layer(tmp_path):
+    """A CNN with every channel regularised: one tree per layer in training and in the death probe."""
+    from topodecorr.experiments.store import ResultStore
+    from topodecorr.experiments.sweep import DB_NAME, run_sweep
+
+    cfg = parse_sweep({
+        "dataset": "digits", "penalties": ["t1"], "weights": [1e-3], "seeds": [0],
+        "networks": [{"label": "cnn", "model": "cnn2d", "params": {"dense": [12]}, "train": {"mode": "channel"}}],
+        "train": {"max_epochs": 1, "probe_batch": 64},
+    })
+    run_sweep(cfg, tmp_path, workers=1, progress=False, log=lambda m: None)
+    with ResultStore(tmp_path / DB_NAME, create=False) as store:
+        (run,) = store.runs()
+        deaths = store.deaths(run["id"])
+    assert run["status"] == "done", run["error"]
+    assert json.loads(run["config"])["train"]["mode"] == "channel"
+    # 16 + 32 channels, 12 dense units, 10 logits: four trees, each one death short of its neurons
+    assert deaths.shape == (16 + 32 + 12 + 10 - 4,)
+    assert json.loads(run["metrics"])["neurons"] == 16 + 32 + 12 + 10

@@ -21,7 +21,27 @@ def dense_params(widths):
 
 def test_names():
     assert PAPER_NETWORKS == ("mlp", "mlp-dropout", "mlp-deep")
-    assert set(MODELS) == {*PAPER_NETWORKS, "vgg", "cnn1d"}
+    assert set(MODELS) == {*PAPER_NETWORKS, "vgg", "cnn1d", "cnn2d"}
+
+
+def test_cnn2d_structure_count_and_channel_neurons():
+    """The small 2-D CNN: two conv stages (16, 32 channels), a 128-unit head; every channel a neuron."""
+    import topodecorr as td
+
+    net = build_model("cnn2d", (1, 28, 28), 10)
+    kinds = [type(m).__name__ for m in net]
+    assert kinds == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Linear", "ReLU",
+                     "Linear"]
+    # closed form: 3x3 convolutions 1 -> 16 -> 32, a 32 x 7 x 7 map into 128 units, 10 logits
+    expected = (16 * 9 + 16) + (32 * 16 * 9 + 32) + dense_params([32 * 7 * 7, 128, 10])
+    assert count_parameters(net) == expected == 206_922
+    x = torch.randn(8, 1, 28, 28)
+    with td.Decorrelation(net, penalty="t1", mode="channel", pooled=False) as reg:
+        net(x)
+        reg.penalty()
+    assert reg.last_stats.clouds == (16, 32, 128, 10)  # a tree per layer, every channel a neuron
+    with pytest.raises(ValueError, match="'cnn2d' needs image inputs"):
+        build_model("cnn2d", (40,), 10)
 
 
 def test_cnn1d_shapes_neurons_and_bad_input():
@@ -44,7 +64,7 @@ def test_cnn1d_shapes_neurons_and_bad_input():
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("shape", IMAGE_SHAPES + VECTOR_SHAPES, ids=str)
 def test_forward_shapes(name, shape):
-    if name == "vgg" and len(shape) != 3:
+    if name in ("vgg", "cnn2d") and len(shape) != 3:
         with pytest.raises(ValueError, match="image inputs"):
             build_model(name, shape, 10)
         return

@@ -108,6 +108,7 @@ _TRAIN_HELP = {
     "device": "cpu | cuda | cuda:N | auto",
     "train_samples": "use a fixed random subset of N training samples (0: all; a budget knob, not the paper's)",
     "val_samples": "use a fixed random subset of N validation samples (0: all)",
+    "mode": "conv layers as neurons: flatten (channel x position, one cloud) | channel (a tree per layer)",
 }
 
 

@@ -153,6 +153,12 @@ class TrainConfig:
         the same for every run of a sweep);
         0 (default) uses the whole split. A budget knob, not the paper's protocol:
         a report of such a sweep must say so. The test split is never reduced.
+    mode : str
+        How a convolutional layer's output becomes neurons: ``"flatten"`` (every
+        channel x position a neuron, all layers in one point cloud: the paper's, with
+        importance sampling for CNNs) or ``"channel"`` (every channel a neuron, its
+        positions samples, one point cloud and tree per layer). Dense layers are the
+        same in both.
     """
 
     lr: float = 0.01  # paper: SGD learning rate 0.01
@@ -171,6 +177,7 @@ class TrainConfig:
     device: str = "cpu"  # ours: where to train ("auto" = CUDA when available)
     train_samples: int = 0  # ours: 0 = the whole training split (the paper); N = a fixed random subset
     val_samples: int = 0  # ours: 0 = the whole validation split (the paper); N = a fixed random subset
+    mode: str = "flatten"  # paper: flattened maps; "channel": every channel a neuron, a tree per layer
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -211,6 +218,8 @@ class TrainConfig:
             raise bad("sampling", f"must be 'all' or 'importance', got {self.sampling!r}")
         if not 0 < self.fraction <= 1:
             raise bad("fraction", f"must lie in (0, 1], got {self.fraction}")
+        if self.mode not in ("flatten", "channel"):
+            raise bad("mode", f"must be 'flatten' or 'channel', got {self.mode!r}")
         if self.dissimilarity not in ("abs", "sqrt"):
             raise bad("dissimilarity", f"must be 'abs' or 'sqrt', got {self.dissimilarity!r}")
         if not 0 <= self.t2_alpha <= 1:
@@ -238,17 +247,23 @@ class TrainConfig:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["mode"] == "flatten":
+            del d["mode"]  # the default is left out, so that earlier sweeps' stored protocol still matches
+        return d
 
 
 @dataclass(frozen=True)
 class NetworkSpec:
     """One network of a sweep: a unique ``label``, a model name of
-    :data:`topodecorr.experiments.models.MODELS` and keyword parameters for it."""
+    :data:`topodecorr.experiments.models.MODELS`, keyword parameters for it and
+    ``train``, overrides of the sweep's :class:`TrainConfig` for this network only
+    (e.g. ``{mode = "channel"}`` for a CNN beside MLPs)."""
 
     label: str
     model: str
     params: tuple[tuple[str, Any], ...] = ()
+    train: tuple[tuple[str, Any], ...] = ()
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -257,7 +272,8 @@ class NetworkSpec:
     def to_dict(self) -> dict[str, Any]:
         # lists, as JSON stores them: a stored network compares equal to the same one parsed again
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params}
-        return {"label": self.label, "model": self.model, "params": params}
+        return {"label": self.label, "model": self.model, "params": params,
+                **({"train": dict(self.train)} if self.train else {})}
 
 
 def parse_network(item: Any, where: str = "networks[0]") -> NetworkSpec:
@@ -268,15 +284,15 @@ def parse_network(item: Any, where: str = "networks[0]") -> NetworkSpec:
     Examples
     --------
     >>> parse_network({"model": "vgg", "params": {"depth": 2}, "label": "v"})
-    NetworkSpec(label='v', model='vgg', params=(('depth', 2),))
+    NetworkSpec(label='v', model='vgg', params=(('depth', 2),), train=())
     """
     if isinstance(item, str):
         return NetworkSpec(label=item, model=item)
     if not isinstance(item, Mapping):
         raise ConfigError(f"{where}: expected a model name or a table, got {item!r}")
-    unknown = sorted(set(item) - {"label", "model", "params"})
+    unknown = sorted(set(item) - {"label", "model", "params", "train"})
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: ['label', 'model', 'params']")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: ['label', 'model', 'params', 'train']")
     if "model" not in item:
         raise ConfigError(f"{where}: a network table needs a 'model' key")
     model = item["model"]
@@ -287,7 +303,11 @@ def parse_network(item: Any, where: str = "networks[0]") -> NetworkSpec:
     if not isinstance(params, Mapping):
         raise ConfigError(f"{where}.params: expected a table, got {params!r}")
     frozen = tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
-    return NetworkSpec(label=label, model=model, params=frozen)
+    train = item.get("train", {})
+    if not isinstance(train, Mapping):
+        raise ConfigError(f"{where}.train: expected a table of [train] keys, got {train!r}")
+    TrainConfig.from_dict(train, where=f"{where}.train")  # unknown keys and bad values fail here, named
+    return NetworkSpec(label=label, model=model, params=frozen, train=tuple(sorted(train.items())))
 
 
 def check_dataset_name(name: str) -> None:
@@ -461,6 +481,11 @@ class SweepConfig:
             extra = [s for s in self.stages.wide_seeds if s not in self.seeds]
             if extra:
                 raise ConfigError(f"stages.wide_seeds: {extra} not among the sweep's seeds {list(self.seeds)}")
+
+    def train_for(self, label: str) -> TrainConfig:
+        """The training protocol of network ``label``: the sweep's, with the network's overrides."""
+        overrides = dict(self.network(label).train)
+        return TrainConfig.from_dict({**self.train.to_dict(), **overrides}, where=f"network {label!r}.train")
 
     def split_seed_of(self, seed: int) -> int:
         """The split seed of the runs of ``seed``: ``split_seed``, plus ``seed`` with ``split_per_seed``."""

@@ -26,6 +26,13 @@ Networks (:data:`MODELS`)
     pooling) or ``"flatten"``; then a dense head ``dense=(256,)`` of ReLU layers each
     followed by ``Dropout(dropout)`` when ``dropout > 0``, and the output layer. Works
     on any image shape ``(C, H, W)``: digits 8x8, MNIST 28x28, CIFAR-10 32x32.
+``cnn2d``
+    A small 2-D CNN for 28x28 images (the ``vgg`` builder with other defaults):
+    ``Conv2d(16, 3x3), ReLU, MaxPool 2``, ``Conv2d(32, 3x3), ReLU, MaxPool 2``, ``Flatten``,
+    a dense ``(128,)`` ReLU head and the output layer. On 1x28x28 inputs:
+    ``16*9+16 + 32*16*9+32 + 32*7*7*128+128 + 128*10+10 = 206 922`` parameters; its
+    convolutions have 16 and 32 channels (``mode="channel"``: 16 + 32 neurons, a tree
+    per layer) or 16*28*28 + 32*14*14 = 18 816 flattened neurons.
 ``cnn1d``
     A small 1-D CNN for sequence data such as MNIST-1D (input ``(L,)`` or ``(C, L)``):
     ``channels=(16, 32)`` convolutions of ``kernel_size=5`` (padding 2, stride 2, so
@@ -66,7 +73,7 @@ __all__ = ["MODELS", "PAPER_NETWORKS", "build_model", "model_defaults", "count_p
 PAPER_NETWORKS = ("mlp", "mlp-dropout", "mlp-deep")
 
 #: Every name :func:`build_model` accepts.
-MODELS = (*PAPER_NETWORKS, "vgg", "cnn1d")
+MODELS = (*PAPER_NETWORKS, "vgg", "cnn1d", "cnn2d")
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"hidden": (450, 350, 200), "dropout": 0.0, "init": "glorot"},
@@ -85,6 +92,9 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "cnn1d": {"channels": (16, 32), "kernel_size": 5, "dense": (64,), "dropout": 0.0, "init": "glorot"},
 }
+# the small 2-D CNN: two 3x3 stages of one convolution each (16, 32 channels), flattened into a dense head
+_DEFAULTS["cnn2d"] = {**_DEFAULTS["vgg"], "depth": 2, "width": 16, "convs_per_stage": 1, "dense": (128,),
+                      "pool": "flatten"}
 
 
 def model_defaults(name: str) -> dict[str, Any]:
@@ -148,7 +158,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **param
     init = cfg["init"]
     if init not in ("glorot", "torch"):
         raise ValueError(f"network {name!r}: init must be 'glorot' or 'torch', got {init!r}")
-    if name == "vgg":
+    if name in ("vgg", "cnn2d"):
         model = _vgg(name, shape, num_classes, cfg)
     elif name == "cnn1d":
         model = _cnn1d(name, shape, num_classes, cfg)
@@ -226,7 +236,7 @@ def _vgg(name: str, shape: tuple[int, ...], num_classes: int, cfg: dict[str, Any
 
     if len(shape) != 3:
         raise ValueError(
-            f"network 'vgg' needs image inputs of shape (channels, height, width), got input_shape={shape}; "
+            f"network {name!r} needs image inputs of shape (channels, height, width), got input_shape={shape}; "
             "use an MLP for vector data such as mnist1d"
         )
     depth = _positive_int(name, "depth", cfg["depth"])
@@ -234,11 +244,11 @@ def _vgg(name: str, shape: tuple[int, ...], num_classes: int, cfg: dict[str, Any
     per_stage = _positive_int(name, "convs_per_stage", cfg["convs_per_stage"])
     max_width = _positive_int(name, "max_width", cfg["max_width"])
     if not isinstance(cfg["batch_norm"], bool):
-        raise ValueError(f"network 'vgg': batch_norm must be true or false, got {cfg['batch_norm']!r}")
+        raise ValueError(f"network {name!r}: batch_norm must be true or false, got {cfg['batch_norm']!r}")
     dropout = _dropout(name, cfg["dropout"])
     dense = _widths(name, "dense", cfg["dense"], allow_empty=True)
     if cfg["pool"] not in ("global", "flatten"):
-        raise ValueError(f"network 'vgg': pool must be 'global' or 'flatten', got {cfg['pool']!r}")
+        raise ValueError(f"network {name!r}: pool must be 'global' or 'flatten', got {cfg['pool']!r}")
 
     channels, h, w = shape
     layers: list[nn.Module] = []

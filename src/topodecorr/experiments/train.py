@@ -51,6 +51,7 @@ from torch import nn
 import topodecorr
 from topodecorr import penalties
 from topodecorr.capture import ACTIVATION_MODULES
+from topodecorr.functional import flatten_activation
 from topodecorr.penalties import Penalty
 from topodecorr.sampling import select_neurons
 
@@ -185,16 +186,19 @@ def _subset(n: int, size: int, seed: int) -> torch.Tensor:
 # -- activations of the probe -----------------------------------------------------------------
 
 
-def _probe_activations(model: nn.Module, x: torch.Tensor, sampling: str, fraction: float) -> list[torch.Tensor]:
-    """Per layer (B, units) activations: every activation module's output, then the logits.
+def _probe_activations(model: nn.Module, x: torch.Tensor, sampling: str, fraction: float,
+                       mode: str = "flatten") -> list[torch.Tensor]:
+    """Per layer (samples, units) activations: every activation module's output, then the logits.
 
     Hidden layers are importance-sampled (top ``floor(fraction * units)`` by mean
-    |activation|, at least one) when ``sampling == "importance"``.
+    |activation|, at least one) when ``sampling == "importance"``. With ``mode="channel"``
+    a convolutional map gives (B x positions, channels).
     """
     captured: list[torch.Tensor] = []
 
     def hook(_module, _inputs, output):
-        captured.append(output.detach().flatten(1))
+        out = output.detach()
+        captured.append(flatten_activation(out, "channel") if mode == "channel" else out.flatten(1))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, ACTIVATION_MODULES)]
     try:
@@ -216,25 +220,31 @@ def probe_deaths(model: nn.Module, x: torch.Tensor, cfg: TrainConfig, keep_corre
     -------
     dict
         ``neurons``, ``dead`` (constant neurons), ``min_death``, ``mean_death``,
-        ``max_death``, ``deaths`` (float32 array of shape (neurons - 1,)) and, with
+        ``max_death``, ``deaths`` (float32 array of shape (neurons - 1,); in ``"channel"``
+        mode the deaths of each layer's tree, (neurons - layers,)) and, with
         ``keep_correlation``, ``correlation``: the (m, m) correlation matrix of at
-        most :data:`CORR_MAX_NEURONS` neurons spread evenly over the pooled set.
+        most :data:`CORR_MAX_NEURONS` neurons spread evenly over the pooled set (in
+        ``"channel"`` mode: the first layer's channels).
     """
     was_training = model.training
     model.eval()
     try:
-        acts = torch.cat(_probe_activations(model, x, cfg.sampling, cfg.fraction), dim=1).float()
+        layers = _probe_activations(model, x, cfg.sampling, cfg.fraction, cfg.mode)
     finally:
         model.train(was_training)
-    out: dict[str, Any] = {"neurons": int(acts.shape[1])}
-    if not torch.isfinite(acts).all():
+    # one cloud of every layer side by side; in "channel" mode one per layer (their samples differ),
+    # whose deaths are put together
+    clouds = [torch.cat(layers, dim=1).float()] if cfg.mode != "channel" else [a.float() for a in layers]
+    acts = clouds[0]
+    out: dict[str, Any] = {"neurons": int(sum(c.shape[1] for c in clouds))}
+    if not all(torch.isfinite(c).all() for c in clouds):
         out.update(dead=None, min_death=None, mean_death=None, max_death=None, deaths=None)
         return out
-    _, dead = topodecorr.normalize_activations(acts)
-    deaths = topodecorr.correlation_deaths(acts, kind=cfg.dissimilarity).deaths
-    d = deaths.cpu().numpy().astype(np.float32)
+    dead = sum(int(topodecorr.normalize_activations(c)[1].sum()) for c in clouds)
+    d = np.concatenate([topodecorr.correlation_deaths(c, kind=cfg.dissimilarity).deaths.cpu().numpy()
+                        for c in clouds]).astype(np.float32)
     out.update(
-        dead=int(dead.sum()),
+        dead=dead,
         min_death=float(d.min()) if d.size else None,
         mean_death=float(d.mean()) if d.size else None,
         max_death=float(d.max()) if d.size else None,
@@ -346,6 +356,8 @@ class _PenaltyTerm:
                 dissimilarity=cfg.dissimilarity,
                 sampling=cfg.sampling,
                 fraction=cfg.fraction,
+                # "channel": every channel a neuron and one tree per layer (layers differ in samples)
+                **({"mode": "channel", "pooled": False} if cfg.mode == "channel" else {}),
                 seed=spec.seed,
                 on_nonfinite="raise",
                 distributed=penalty_mode,  # under DDP: penalty of the gathered global batch, or per rank
