@@ -192,3 +192,145 @@ def test_bootstrap_is_paired_by_seed_and_pools_blocks_equally():
     assert pooled.empty and per_block.empty
     with pytest.raises(ValueError, match="confidence"):
         differences_to_baseline(select_best(_seeded_runs(acc)), confidence=95)
+
+
+# -- statistics that match the design ---------------------------------------------------------------
+
+
+def _nested(effects, datasets=3, networks=3, seeds=5, seed=0, noise=0.005):
+    """Chosen-run rows with random data-set, network and seed intercepts and fixed penalty effects."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for ds in range(datasets):
+        dv = rng.normal(0, 0.05)
+        for net in range(networks):
+            nv = rng.normal(0, 0.02)
+            for s in range(seeds):
+                sv = rng.normal(0, 0.01)
+                for p, e in effects.items():
+                    rows.append(dict(dataset=f"d{ds}", network=f"n{net}", seed=s, penalty=p, weight=0.1,
+                                     val_acc=0.5, val_loss=1.0, candidates=1,
+                                     test_acc=0.8 + dv + nv + sv + e + rng.normal(0, noise)))
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.slow  # imports statsmodels
+def test_wilcoxon_holm_agrees_with_scipy_and_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+
+    from topodecorr.experiments.stats import wilcoxon_holm
+
+    sel = _nested({"none": 0.0, "a": 0.02, "b": 0.0, "c": -0.004})
+    out = wilcoxon_holm(sel, "none", ["a", "b", "c"])
+    means = {}
+    for p in ("a", "b", "c"):
+        wide = sel.pivot_table(index=["dataset", "network", "seed"], columns="penalty", values="test_acc")
+        d = (wide[p] - wide["none"]).groupby(level=["dataset", "network"]).mean().to_numpy()
+        means[p] = d
+        ref = scipy.stats.wilcoxon(d)
+        assert out.loc[p, "blocks"] == 9 and out.loc[p, "wins"] == int((d > 0).sum())
+        assert out.loc[p, "p"] == pytest.approx(ref.pvalue) and out.loc[p, "statistic"] == pytest.approx(ref.statistic)
+        assert out.loc[p, "mean"] == pytest.approx(d.mean())
+    holm = multipletests(out["p"].to_numpy(), method="holm")[1]
+    np.testing.assert_allclose(out["p_holm"].to_numpy(), holm)
+    # Holm by hand: sorted p times (m - i), made monotone, capped at 1
+    ps = out["p"].sort_values()
+    by_hand = np.minimum(1, np.maximum.accumulate(ps.to_numpy() * np.array([3, 2, 1])))
+    np.testing.assert_allclose(out.loc[ps.index, "p_holm"].to_numpy(), by_hand)
+    assert bool(out.loc["a", "significant"]) and out.loc["a", "p"] == pytest.approx(2 / 2**9)  # 9 of 9 ahead: exact
+
+
+@pytest.mark.slow  # imports statsmodels
+def test_wilcoxon_holm_leaves_untestable_penalties_out_of_the_correction():
+    from topodecorr.experiments.stats import wilcoxon_holm
+
+    sel = _nested({"none": 0.0, "same": 0.0, "a": 0.02}, datasets=1, networks=4, noise=0.0)
+    sel.loc[sel["penalty"] == "same", "test_acc"] = sel.loc[sel["penalty"] == "none", "test_acc"].to_numpy()
+    out = wilcoxon_holm(sel)
+    assert math.isnan(out.loc["same", "p"]) and math.isnan(out.loc["same", "p_holm"])
+    assert not out.loc["same", "significant"]
+    assert out.loc["a", "p_holm"] == pytest.approx(out.loc["a", "p"])  # the only test in the family
+    one = wilcoxon_holm(_nested({"none": 0.0, "a": 0.01}, datasets=1, networks=1))
+    assert one.loc["a", "blocks"] == 1 and math.isnan(one.loc["a", "p"])
+
+
+def test_hierarchical_bootstrap_carries_the_variation_between_blocks():
+    from topodecorr.experiments.stats import hierarchical_bootstrap
+
+    # every seed of a block has the same difference, blocks differ: resampling seeds alone sees no spread
+    diffs = [0.03, -0.01, 0.02, 0.0, 0.05, -0.02]
+    rows = []
+    for b, d in enumerate(diffs):
+        for s in range(4):
+            base = 0.7 + 0.01 * s
+            rows += [dict(dataset="d", network=f"n{b}", seed=s, penalty="none", test_acc=base),
+                     dict(dataset="d", network=f"n{b}", seed=s, penalty="t1", test_acc=base + d)]
+    sel = pd.DataFrame(rows)
+    within, _ = differences_to_baseline(sel)
+    assert within.loc["t1", "high"] - within.loc["t1", "low"] == pytest.approx(0.0, abs=1e-12)
+    hier = hierarchical_bootstrap(sel, n_resamples=20_000)
+    assert hier.loc["t1", "mean"] == pytest.approx(np.mean(diffs))
+    # here the hierarchical bootstrap is the bootstrap of the block means: scipy's percentile interval
+    ref = scipy.stats.bootstrap((np.array(diffs),), np.mean, n_resamples=20_000, method="percentile",
+                                random_state=np.random.default_rng(1)).confidence_interval
+    assert hier.loc["t1", "low"] == pytest.approx(ref.low, abs=0.003)
+    assert hier.loc["t1", "high"] == pytest.approx(ref.high, abs=0.003)
+    assert hier.equals(hierarchical_bootstrap(sel, n_resamples=20_000))  # seeded: reproducible
+    assert (hier.loc["t1", "blocks"], hier.loc["t1", "pairs"]) == (6, 24)
+    with pytest.raises(ValueError, match="confidence"):
+        hierarchical_bootstrap(sel, confidence=1.0)
+
+
+def test_hierarchical_bootstrap_is_wider_than_seeds_alone_on_nested_data():
+    from topodecorr.experiments.stats import hierarchical_bootstrap
+
+    sel = _nested({"none": 0.0, "a": 0.01}, seed=3)
+    rng = np.random.default_rng(7)
+    block_shift = {(d, n): rng.normal(0, 0.01) for d in sel["dataset"].unique() for n in sel["network"].unique()}
+    hit = sel["penalty"] == "a"
+    sel.loc[hit, "test_acc"] += [block_shift[(d, n)] for d, n in zip(sel.loc[hit, "dataset"], sel.loc[hit, "network"])]
+    within, _ = differences_to_baseline(sel)
+    hier = hierarchical_bootstrap(sel)
+    assert hier.loc["a", "mean"] == pytest.approx(within.loc["a", "mean"])
+    assert hier.loc["a", "high"] - hier.loc["a", "low"] > 1.5 * (within.loc["a", "high"] - within.loc["a", "low"])
+
+
+def test_dataset_comparison_counts_each_data_set_once():
+    from topodecorr.experiments.stats import block_means, dataset_comparison
+
+    sel = _nested({"none": 0.0, "a": 0.02, "b": -0.01})
+    comp = dataset_comparison(sel, penalties=["none", "a", "b"])
+    table, _, _ = block_means(sel, ["none", "a", "b"])
+    expected = table.groupby(table.index.str.split("/").str[0]).mean()
+    pd.testing.assert_frame_equal(comp.table.sort_index(), expected.sort_index(), check_names=False)
+    ref = scipy.stats.friedmanchisquare(*[expected[c].to_numpy() for c in ["none", "a", "b"]])
+    assert comp.n == 3 and comp.friedman_p == pytest.approx(ref.pvalue)
+    assert list(comp.seeds) == [3, 3, 3]  # blocks per data set
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The MLE may be on the boundary")
+def test_mixed_model_agrees_with_statsmodels_and_recovers_the_effects():
+    import statsmodels.formula.api as smf
+
+    from topodecorr.experiments.stats import mixed_model
+
+    effects = {"none": 0.0, "a": 0.02, "b": 0.0, "c": -0.01}
+    sel = _nested(effects, seed=2)
+    got = mixed_model(sel, "none", ["none", "a", "b", "c"])
+    df = sel.copy()
+    df["net"] = df["dataset"] + "/" + df["network"]
+    df["unit"] = df["net"] + "/" + df["seed"].astype(str)
+    df["penalty"] = pd.Categorical(df["penalty"], categories=["none", "a", "b", "c"])
+    vc = {"network": "0 + C(net)", "seed": "0 + C(unit)"}
+    full = smf.mixedlm("test_acc ~ penalty", df, groups=df["dataset"], vc_formula=vc).fit(reml=False, method=["lbfgs"])
+    null = smf.mixedlm("test_acc ~ 1", df, groups=df["dataset"], vc_formula=vc).fit(reml=False, method=["lbfgs"])
+    for p in ("a", "b", "c"):
+        assert got.coefficients.loc[p, "estimate"] == pytest.approx(full.fe_params[f"penalty[T.{p}]"], rel=1e-6)
+        assert got.coefficients.loc[p, "se"] == pytest.approx(full.bse_fe[f"penalty[T.{p}]"], rel=1e-4)
+        assert got.coefficients.loc[p, "estimate"] == pytest.approx(effects[p], abs=0.003)
+    assert got.lr_statistic == pytest.approx(2 * (full.llf - null.llf), rel=1e-6)
+    assert got.df == 3 and got.p == pytest.approx(scipy.stats.chi2.sf(got.lr_statistic, 3))
+    assert got.p < 1e-6 and "dataset:network:seed" in got.formula
+    none_only = mixed_model(sel[sel["penalty"] == "a"])
+    assert none_only.coefficients.empty and "not computed" in none_only.notes[0]

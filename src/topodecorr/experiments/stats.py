@@ -51,6 +51,11 @@ __all__ = [
     "accuracy_table",
     "describe",
     "differences_to_baseline",
+    "wilcoxon_holm",
+    "hierarchical_bootstrap",
+    "dataset_comparison",
+    "MixedModel",
+    "mixed_model",
 ]
 
 #: The keys of one choice of weight; a block is (dataset, network).
@@ -451,3 +456,219 @@ def differences_to_baseline(
         pooled_rows[p] = [mean, lo, hi, len(groups), int(sum(g.size for g in groups))]
     pooled = pd.DataFrame.from_dict(pooled_rows, orient="index", columns=pooled_cols)
     return pooled, pd.DataFrame(block_rows, columns=block_cols)
+
+
+# -- statistics that match the design ------------------------------------------------------------
+#
+# Seeds are nested in (dataset, network) blocks and blocks in data sets; the tests below
+# take each level as what it is: the omnibus test has the data set as its unit (or a mixed
+# model with random effects for the levels), each penalty against the baseline is a
+# signed-rank test over blocks with Holm's correction, and the intervals resample blocks and
+# then seeds within them.
+
+def _paired_groups(selected: pd.DataFrame, baseline: str, penalties: list[str] | None
+                   ) -> dict[str, list[tuple[str, str, np.ndarray]]]:
+    """penalty -> [(dataset, block, seed differences to ``baseline``)], blocks in a fixed order."""
+    if selected.empty or baseline not in set(selected["penalty"]):
+        return {}
+    sel = selected.assign(block=_block_labels(selected))
+    found = list(dict.fromkeys(sel["penalty"]))
+    pens = [p for p in (penalties if penalties is not None else sorted(found)) if p != baseline and p in found]
+    order = sel.sort_values(["dataset", "network"])[["block", "dataset"]].drop_duplicates("block")
+    out: dict[str, list[tuple[str, str, np.ndarray]]] = {p: [] for p in pens}
+    for block, dataset in order.itertuples(index=False):
+        t = sel[sel["block"] == block].pivot(index="seed", columns="penalty", values="test_acc")
+        for p in pens:
+            if p in t.columns and baseline in t.columns:
+                d = (t[p] - t[baseline]).dropna().to_numpy(dtype=float)
+                if d.size:
+                    out[p].append((str(dataset), str(block), d))
+    return {p: g for p, g in out.items() if g}
+
+
+def wilcoxon_holm(selected: pd.DataFrame, baseline: str = "none", penalties: list[str] | None = None,
+                  alpha: float = 0.05) -> pd.DataFrame:
+    """Each penalty against ``baseline``: Wilcoxon signed-rank test over blocks, Holm-corrected.
+
+    A block's value is its seed-mean test-accuracy difference to the baseline (seeds
+    paired); the two-sided test (:func:`scipy.stats.wilcoxon`, exact for small samples)
+    asks whether these differences are centred on 0, and Holm's step-down correction
+    (:func:`statsmodels.stats.multitest.multipletests`) holds the family-wise error over
+    the penalties at ``alpha``.
+
+    Returns
+    -------
+    DataFrame
+        Index penalty; columns ``blocks, mean, median, wins, statistic, p, p_holm, significant``
+        (``wins``: blocks where the penalty is ahead). ``p`` is NaN (and the penalty left out
+        of the correction) with fewer than 2 blocks or all differences 0.
+    """
+    from statsmodels.stats.multitest import multipletests
+
+    cols = ["blocks", "mean", "median", "wins", "statistic", "p", "p_holm", "significant"]
+    rows = {}
+    for p, groups in _paired_groups(selected, baseline, penalties).items():
+        d = np.array([g.mean() for _, _, g in groups])
+        stat = pval = math.nan
+        if d.size >= 2 and np.any(d != 0):
+            res = scipy.stats.wilcoxon(d)
+            stat, pval = float(res.statistic), float(res.pvalue)
+        rows[p] = [d.size, float(d.mean()), float(np.median(d)), int((d > 0).sum()), stat, pval, math.nan, False]
+    out = pd.DataFrame.from_dict(rows, orient="index", columns=cols)
+    tested = out["p"].notna() if not out.empty else pd.Series(dtype=bool)
+    if tested.any():
+        reject, corrected, _, _ = multipletests(out.loc[tested, "p"].to_numpy(), alpha=alpha, method="holm")
+        out.loc[tested, "p_holm"] = corrected
+        out.loc[tested, "significant"] = reject
+    return out.astype({"blocks": int, "wins": int, "significant": bool}) if not out.empty else out
+
+
+def _hierarchical_replicates(groups: list[np.ndarray], n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Replicates of the mean over blocks of the seed means: blocks drawn with replacement, then seeds within each."""
+    b = len(groups)
+    picks = rng.integers(0, b, size=(n_resamples, b))
+    means = np.empty((n_resamples, b))
+    for k, g in enumerate(groups):
+        mask = picks == k
+        idx = rng.integers(0, g.size, size=(int(mask.sum()), g.size))
+        means[mask] = g[idx].mean(axis=1)
+    return means.mean(axis=1)
+
+
+def hierarchical_bootstrap(selected: pd.DataFrame, baseline: str = "none", penalties: list[str] | None = None,
+                           confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0) -> pd.DataFrame:
+    """Difference to ``baseline`` with a percentile interval that resamples blocks, then seeds.
+
+    The statistic is that of :func:`differences_to_baseline` (the mean over blocks of
+    the seed-mean paired differences); each replicate draws the blocks with replacement
+    and, within every drawn block, its seeds with replacement, so the interval carries
+    the variation between blocks as well as between seeds. A generator
+    ``numpy.random.default_rng(seed)`` fresh for every penalty makes it reproducible.
+
+    Returns
+    -------
+    DataFrame
+        Index penalty; columns ``mean, low, high, blocks, pairs`` (``low``/``high`` NaN with one block).
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive number of bootstrap replicates, got {n_resamples}")
+    q = (1.0 - confidence) / 2.0
+    rows = {}
+    for p, groups in _paired_groups(selected, baseline, penalties).items():
+        arrays = [g for _, _, g in groups]
+        lo = hi = math.nan
+        if len(arrays) > 1:
+            reps = _hierarchical_replicates(arrays, n_resamples, np.random.default_rng(seed))
+            lo, hi = (float(v) for v in np.quantile(reps, [q, 1.0 - q]))
+        rows[p] = [float(np.mean([a.mean() for a in arrays])), lo, hi, len(arrays), int(sum(a.size for a in arrays))]
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["mean", "low", "high", "blocks", "pairs"])
+
+
+def dataset_comparison(selected: pd.DataFrame, alpha: float = 0.05, penalties: list[str] | None = None) -> Comparison:
+    """Friedman / Nemenyi with the data set as the unit: each data set valued by the mean of its blocks.
+
+    Blocks (dataset, network) of one data set share their data, so they are not
+    independent; this omnibus test counts each data set once (with 3 data sets it has
+    little power, and says so).
+    """
+    found = set(selected["penalty"]) if not selected.empty else set()
+    cols = sorted(found) if penalties is None else [p for p in penalties if p in found]
+    table, _, notes = block_means(selected, cols)
+    if table.empty:
+        return friedman_nemenyi(table, alpha=alpha, notes=notes)
+    sel = selected.assign(block=_block_labels(selected))
+    of_block = dict(zip(sel["block"], sel["dataset"].astype(str)))
+    grouped = table.groupby(table.index.map(of_block), sort=False)
+    per_dataset = grouped.mean()
+    blocks = grouped.size()
+    return friedman_nemenyi(per_dataset, alpha=alpha, seeds=blocks, notes=notes)
+
+
+@dataclass
+class MixedModel:
+    """The result of :func:`mixed_model`.
+
+    Attributes
+    ----------
+    coefficients : DataFrame
+        Index penalty; columns ``estimate, se, p``: the fixed effect of each penalty
+        against the baseline (test-accuracy difference), Wald p-values.
+    lr_statistic, df, p : float or None
+        Likelihood-ratio test of "no penalty effect" (both models fitted by maximum likelihood).
+    formula : str
+        The model, in lme4 notation.
+    converged : bool
+    notes : list of str
+    """
+
+    coefficients: pd.DataFrame
+    lr_statistic: float | None = None
+    df: int | None = None
+    p: float | None = None
+    formula: str = ""
+    converged: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _mixed_data(selected: pd.DataFrame, cols: list[str]) -> tuple[pd.DataFrame, str, dict[str, str], str]:
+    """Model rows and the grouping: data sets as groups when there are several, else networks."""
+    df = selected[selected["penalty"].isin(cols)].copy()
+    df["dataset"] = df["dataset"].astype(str)
+    df["network"] = df["dataset"] + "/" + df["network"].astype(str)
+    df["unit"] = df["network"] + "/" + df["seed"].astype(str)
+    df["penalty"] = pd.Categorical(df["penalty"], categories=cols)
+    if df["dataset"].nunique() >= 2:
+        return df, "dataset", {"network": "0 + C(network)", "seed": "0 + C(unit)"}, \
+            "accuracy ~ penalty + (1 | dataset) + (1 | dataset:network) + (1 | dataset:network:seed)"
+    return df, "network", {"seed": "0 + C(unit)"}, "accuracy ~ penalty + (1 | network) + (1 | network:seed)"
+
+
+def mixed_model(selected: pd.DataFrame, baseline: str = "none", penalties: list[str] | None = None) -> MixedModel:
+    """Linear mixed model of the chosen test accuracies (:class:`statsmodels.regression.mixed_linear_model.MixedLM`).
+
+    ``accuracy ~ penalty + (1 | dataset) + (1 | dataset:network) + (1 | dataset:network:seed)``:
+    the penalty a fixed effect (treatment coding against ``baseline``), random intercepts
+    for the data set, the network within it and the seed within the network (a seed's
+    runs share their initialisation and split, so they are paired). With one data set the
+    network is the top group. The penalty effect is tested by a likelihood ratio against
+    the model without it (maximum-likelihood fits, chi-square with k - 1 degrees of freedom).
+    Failures and convergence warnings are reported in ``notes``, never raised.
+    """
+    import warnings
+
+    import statsmodels.formula.api as smf
+
+    found = list(dict.fromkeys(selected["penalty"])) if not selected.empty else []
+    cols = [p for p in (penalties if penalties is not None else sorted(found)) if p in found]
+    empty = pd.DataFrame(columns=["estimate", "se", "p"])
+    if baseline not in cols or len(cols) < 2:
+        return MixedModel(empty, notes=[f"not computed: needs `{baseline}` and at least one other penalty"])
+    cols = [baseline] + [p for p in cols if p != baseline]
+    df, groups, vc, formula = _mixed_data(selected, cols)
+    if df[groups].nunique() < 2:
+        return MixedModel(empty, formula=formula, notes=["not computed: needs at least two networks or data sets"])
+    notes: list[str] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            full = smf.mixedlm("test_acc ~ C(penalty)", df, groups=df[groups], re_formula="1",
+                               vc_formula=vc).fit(reml=False, method=["lbfgs"])
+            null = smf.mixedlm("test_acc ~ 1", df, groups=df[groups], re_formula="1",
+                               vc_formula=vc).fit(reml=False, method=["lbfgs"])
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        return MixedModel(empty, formula=formula, notes=[f"not computed: the fit failed ({exc})"])
+    for w in caught:
+        msg = str(w.message).splitlines()[0]
+        if msg not in notes:
+            notes.append(msg)
+    rows = {}
+    for p in cols[1:]:
+        name = f"C(penalty)[T.{p}]"
+        rows[p] = [float(full.fe_params[name]), float(full.bse_fe[name]), float(full.pvalues[name])]
+    lr = max(0.0, 2.0 * (float(full.llf) - float(null.llf)))
+    k = len(cols) - 1
+    return MixedModel(pd.DataFrame.from_dict(rows, orient="index", columns=["estimate", "se", "p"]),
+                      lr_statistic=lr, df=k, p=float(scipy.stats.chi2.sf(lr, k)), formula=formula,
+                      converged=bool(full.converged and null.converged), notes=notes)
