@@ -16,6 +16,7 @@ from topodecorr.experiments.config import parse_sweep
 from topodecorr.experiments.report import (
     SweepData,
     _layer_layout,
+    choice_flags,
     markdown_table,
     run_warnings,
     write_combined_report,
@@ -251,3 +252,134 @@ def test_committed_combined_report_rebuilds(folder, tmp_path):
         shutil.copy(RESULTS / name / DB_NAME, tmp_path / name / DB_NAME)
     rebuilt = write_combined_report([tmp_path / n for n in names], tmp_path / folder.name)[0].read_text(encoding="utf-8")
     assert rebuilt.splitlines() == text.splitlines()
+
+
+# -- convergence, grid edges, two stages, the tests that match the design ---------------------------
+
+
+@pytest.mark.slow  # reports with figures
+def test_headline_counts_capped_runs_and_grid_edges(tmp_path):
+    # weights 0.1 and 1.0 (a grid short of both 1e-6 and 100): t1 chooses 1.0 (the high edge), l2 0.1
+    # (the low edge, 1.0 diverged), none has no weight; every run trained 2 epochs
+    _fill(tmp_path / "capped", [0, 1, 2], ACCS, networks=NETS, max_epochs=2)
+    text = write_report(tmp_path / "capped")[0].read_text()
+    head = text.split("## Convergence and grid edges")[1].split("## Warnings")[0]
+    assert ("Of the 27 runs chosen by validation, **27 (100.0%) stopped at their epoch cap** and **18 chose a "
+            "weight at an edge of a grid that stops short of 1e-06 or 100**") in head
+    assert "| none | 9 | 9 | 0 | 0 |" in head and "| t1 | 9 | 9 | 0 | 9 |" in head and "| l2 | 9 | 9 | 9 | 0 |" in head
+    assert text.index("## Convergence and grid edges") < text.index("## Warnings")  # the headline comes first
+    _fill(tmp_path / "free", [0], ACCS)  # cap 1200 (the default), 2 epochs: none at the cap
+    sweep = SweepData.load(tmp_path / "free")
+    flags = choice_flags(sweep)
+    sweep.close()
+    assert not any(f["capped"] for f in flags) and {f["edge"] for f in flags if f["penalty"] == "t1"} == {"high"}
+    design = text.split("## Tests that match the design")[1]
+    assert "| t1 | 3 | 3 of 3 | +0.1100 | [+0.1100, +0.1100] |" in design  # a constant gain: no spread
+    assert "Friedman test over data sets not computed (1 data set" in design
+    assert "accuracy ~ penalty + (1 | network) + (1 | network:seed)" in design
+    assert (tmp_path / "capped" / "figures" / "forest.png").exists()
+
+
+def _staged(folder, accuracy, stage2=True):
+    """A two-stage sweep: wide seeds 0 and 1 over [1e-6, 1e-3, 1, 100], then seed 2 (one neighbour each side)."""
+    raw = {"name": "staged", "dataset": "digits", "networks": ["mlp"], "penalties": ["none", "t1"],
+           "weights": [1e-6, 1e-3, 1.0, 100.0], "seeds": [0, 1, 2],
+           "stages": {"wide_seeds": [0, 1], "neighbours": 1}}
+    store = ResultStore(folder / DB_NAME)
+
+    def run(cfg):
+        store.init_sweep(cfg, [(k, {}) for k in cfg.grid(store.runs())], {})
+        while (row := store.claim()) is not None:
+            acc = accuracy(row["penalty"], row["weight"], row["seed"])
+            store.finish(row["id"], {"status": "done", "val_acc": acc, "test_acc": acc, "val_loss": 1 - acc,
+                                     "epochs": 2, "best_epoch": 1, "versions": {}, "history": []})
+
+    run(parse_sweep(raw))
+    if stage2:
+        run(parse_sweep({**raw, "stages": {**raw["stages"], "run": 2}}))
+    store.close()
+
+
+@pytest.mark.slow  # reports with figures
+def test_two_stage_choice_is_among_the_stage_two_weights(tmp_path):
+    # t1: seed 0 likes 1e-3, seed 1 likes 100; the mean over the wide seeds peaks at 1e-3,
+    # so stage 2 runs 1e-6, 1e-3 and 1, and seed 1 then chooses among them (1.0), not 100
+    table = {0: {1e-6: 0.80, 1e-3: 0.90, 1.0: 0.85, 100.0: 0.10}, 1: {1e-6: 0.70, 1e-3: 0.80, 1.0: 0.85, 100.0: 0.95},
+             2: {1e-6: 0.71, 1e-3: 0.81, 1.0: 0.80, 100.0: 0.99}}
+
+    def accuracy(penalty, weight, seed):
+        return 0.5 + 0.01 * seed if penalty == "none" else table[seed][weight]
+
+    _staged(tmp_path / "one", accuracy, stage2=False)
+    sweep = SweepData.load(tmp_path / "one")
+    assert sweep.selection is None and sweep.chosen("mlp", 1, "t1")["weight"] == 100.0  # stage 1: every weight
+    sweep.close()
+    assert "**Stage 2 has not begun**" in write_report(tmp_path / "one")[0].read_text()
+    _staged(tmp_path / "two", accuracy)
+    sweep = SweepData.load(tmp_path / "two")
+    assert sweep.selection == {("mlp", "t1"): (1e-6, 1e-3, 1.0)}
+    assert [sweep.chosen("mlp", s, "t1")["weight"] for s in (0, 1, 2)] == [1e-3, 1.0, 1e-3]
+    assert sorted(r["weight"] for r in sweep.runs if r["seed"] == 2 and r["penalty"] == "t1") == [1e-6, 1e-3, 1.0]
+    flags = {f["seed"]: f["edge"] for f in choice_flags(sweep) if f["penalty"] == "t1"}
+    sweep.close()
+    assert flags == {0: "", 1: "high", 2: ""}  # 1.0 is the top of the stage-2 grid, short of 100
+    text = write_report(tmp_path / "two")[0].read_text()
+    assert "stage 1 ran every weight of the grid [1e-06, 0.001, 1.0, 100.0] on seed(s) [0, 1]" in text
+    assert "- mlp / t1: 1e-06, 0.001, 1" in text
+    assert "| t1 | 3 | 0 | 0 | 1 |" in text
+
+
+def _independent_headline(db: Path) -> tuple[int, int, int]:
+    """(chosen runs, chosen runs at their epoch cap, chosen weights at an edge short of 1e-6 / 100), read
+    from the database with sqlite3 alone: per (network, seed, penalty) the finished run with the best
+    validation accuracy, then the lower validation loss, then the smaller weight."""
+    import sqlite3
+
+    from topodecorr.experiments.config import selection_weights
+
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    con.row_factory = sqlite3.Row
+    config = json.loads(con.execute("SELECT value FROM meta WHERE key='sweep'").fetchone()[0])
+    runs = [dict(r) for r in con.execute("SELECT * FROM runs")]
+    con.close()
+    allowed = selection_weights(config, runs)
+    best: dict = {}
+    for r in runs:
+        if r["status"] != "done" or r["val_acc"] is None or r["test_acc"] is None:
+            continue
+        if allowed is not None and r["penalty"] != "none" and r["weight"] not in allowed[(r["network"], r["penalty"])]:
+            continue
+        key = (r["network"], r["seed"], r["penalty"])
+        rank = (-r["val_acc"], r["val_loss"] if r["val_loss"] is not None else float("inf"), r["weight"])
+        if key not in best or rank < best[key][0]:
+            best[key] = (rank, r)
+    capped = edges = 0
+    for (network, _, penalty), (_, r) in best.items():
+        cap = (json.loads(r["config"] or "{}").get("train") or config["train"])["max_epochs"]
+        capped += r["epochs"] >= cap
+        if penalty != "none":
+            grid = sorted(allowed[(network, penalty)] if allowed else config["weights"])
+            edges += (r["weight"] == grid[0] and grid[0] > 1e-6) or (r["weight"] == grid[-1] and grid[-1] < 100)
+    return len(best), capped, edges
+
+
+HEADLINE = re.compile(r"Of the (\d+) runs chosen by validation, \*\*(\d+) \([\d.]+%\) stopped at their epoch cap\*\* "
+                      r"and \*\*(\d+) chose a weight at an edge")
+
+
+@pytest.mark.parametrize("folder", COMMITTED, ids=[p.name for p in COMMITTED])
+def test_committed_headlines_count_capped_runs_and_edges(folder):
+    text = (folder / "report.md").read_text(encoding="utf-8")
+    found = HEADLINE.search(text)
+    assert found, f"{folder.name}/report.md has no convergence headline"
+    assert tuple(int(g) for g in found.groups()) == _independent_headline(folder / DB_NAME)
+
+
+@pytest.mark.parametrize("folder", COMBINED, ids=[p.name for p in COMBINED])
+def test_committed_combined_headline_sums_its_sweeps(folder):
+    text = (folder / "report.md").read_text(encoding="utf-8")
+    found = HEADLINE.search(text)
+    assert found, "the combined report has no convergence headline"
+    names = re.findall(r"\[report\]\(\.\./([^/)]+)/report\.md\)", text)
+    counts = [_independent_headline(RESULTS / n / DB_NAME) for n in names]
+    assert tuple(int(g) for g in found.groups()) == tuple(sum(c[i] for c in counts) for i in range(3))

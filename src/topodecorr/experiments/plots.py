@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 #: Deaths at least this close to 1 belong to dead neurons (correlation 0 with every other neuron).
 DEAD_DEATH = 1.0 - 1e-6
 
-__all__ = ["cd_diagram", "death_histograms", "correlation_heatmaps", "training_curves"]
+__all__ = ["cd_diagram", "death_histograms", "correlation_heatmaps", "training_curves", "forest_plot"]
 
 
 def _save(fig, stem: Path, svg: bool = False, tight: bool = True) -> list[Path]:
@@ -205,5 +205,40 @@ def training_curves(curves: dict[str, list[dict]], stem: Path, title: str = "", 
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, stem, tight=False)
+
+
+def forest_plot(per_block, stem: Path, baseline: str = "none") -> list[Path]:
+    """Effect sizes per block: the difference to ``baseline`` with its interval, one panel per penalty (PNG).
+
+    Parameters
+    ----------
+    per_block : pandas DataFrame
+        Columns ``block, penalty, mean, low, high`` (accuracy differences; NaN bounds draw a point only),
+        as :func:`topodecorr.experiments.stats.differences_to_baseline` returns.
+    """
+    penalties = list(dict.fromkeys(per_block["penalty"]))
+    blocks = list(dict.fromkeys(per_block["block"]))
+    rows, cols = _grid(len(penalties))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.9 + 0.28 * len(blocks) * rows),
+                             sharey=True, sharex=True, squeeze=False)
+    y = {b: len(blocks) - 1 - i for i, b in enumerate(blocks)}
+    for k, ax in enumerate(axes.flat):
+        if k >= len(penalties):
+            ax.axis("off")
+            continue
+        part = per_block[per_block["penalty"] == penalties[k]]
+        ys = np.array([y[b] for b in part["block"]])
+        mean = 100 * part["mean"].to_numpy(dtype=float)
+        low, high = 100 * part["low"].to_numpy(dtype=float), 100 * part["high"].to_numpy(dtype=float)
+        err = np.vstack([np.where(np.isfinite(low), mean - low, 0), np.where(np.isfinite(high), high - mean, 0)])
+        ax.errorbar(mean, ys, xerr=err, fmt="o", ms=3, lw=1, color="C0")
+        ax.axvline(0, color="0.5", lw=0.8, ls="--")
+        ax.set_title(penalties[k], fontsize=9)
+        ax.set_yticks(range(len(blocks)), list(reversed(blocks)), fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+        if k // cols == rows - 1:
+            ax.set_xlabel(f"test accuracy - {baseline} (points)", fontsize=8)
     fig.tight_layout()
     return _save(fig, stem, tight=False)

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .stats import Comparison, accuracy_table, compare, describe, differences_to_baseline, select_best
+from .stats import dataset_comparison, hierarchical_bootstrap, mixed_model, wilcoxon_holm
 from .store import DB_NAME, ResultStore, StoreError
 
 __all__ = ["write_report", "write_combined_report", "summary_table", "markdown_table", "SweepData", "run_warnings"]
@@ -127,7 +128,11 @@ class SweepData:
         The name of this sweep's blocks' dataset in a comparison (default: the dataset).
     selected : DataFrame
         :func:`~topodecorr.experiments.stats.select_best` of ``runs``: the chosen weight
-        per (dataset, network, seed, penalty).
+        per (dataset, network, seed, penalty); in a two-stage sweep whose stage 2 has begun,
+        among the stage-2 weights only (``selection``).
+    selection : dict or None
+        (network, penalty) -> the weights the choice may pick, or None for every weight
+        (:func:`~topodecorr.experiments.config.selection_weights`).
     """
 
     root: Path
@@ -139,12 +144,14 @@ class SweepData:
     counts: dict
     label: str = ""
     selected: pd.DataFrame = field(init=False)
+    selection: dict | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.label = self.label or str(self.config.get("dataset", ""))
         for r in self.runs:
             r["dataset"] = self.label
-        self.selected = select_best(self.runs)
+        self.selection = _selection(self.config, self.runs)
+        self.selected = select_best(self.candidates())
         by_key = {(r["network"], r["seed"], r["penalty"], float(r["weight"])): r for r in self.runs}
         self._chosen = {
             (s.network, int(s.seed), s.penalty): by_key[(s.network, int(s.seed), s.penalty, float(s.weight))]
@@ -224,6 +231,28 @@ class SweepData:
 
     def is_chosen(self, run: dict) -> bool:
         return self._chosen.get((run["network"], int(run["seed"]), run["penalty"])) is run
+
+    def grid_of(self, network: str, penalty: str) -> list[float]:
+        """The weights the choice of (network, penalty) may pick: the stage-2 ones or the sweep's grid."""
+        if self.selection is not None and (network, penalty) in self.selection:
+            return sorted(self.selection[(network, penalty)])
+        return sorted(float(w) for w in self.config.get("weights", []))
+
+    def candidates(self) -> list[dict]:
+        """The runs the validation choice reads: all, or in stage 2 those at the stage-2 weights."""
+        if self.selection is None:
+            return self.runs
+        return [r for r in self.runs if r["penalty"] == "none"
+                or float(r["weight"]) in self.selection.get((r["network"], r["penalty"]), ())]
+
+
+def _selection(config: dict, runs: list[dict]) -> dict | None:
+    from .config import ConfigError, selection_weights
+
+    try:
+        return selection_weights(config, runs)
+    except ConfigError:  # stage 2 rows without a finished stage 1: every weight competes
+        return None
 
 
 # -- warnings ---------------------------------------------------------------------------------
@@ -437,6 +466,134 @@ def _comparison_section(comp: Comparison, figs: Path, root: Path) -> list[str]:
     return md
 
 
+# -- convergence, grid edges and the tests that match the design --------------------------------
+
+#: The ends of the paper's weight grid: a choice at an end of a grid that stops short of them is flagged.
+GRID_ENDS = (1e-6, 100.0)
+
+
+def choice_flags(sweep: SweepData) -> list[dict]:
+    """Every run chosen by validation, with ``capped`` (it trained to its epoch cap) and ``edge``.
+
+    ``edge`` is ``"low"`` / ``"high"`` when the chosen weight is the smallest / largest of
+    its grid (:meth:`SweepData.grid_of`) and that grid stops short of 1e-6 / 100 (so a
+    better weight may lie beyond it), else ``""`` (always for ``none``).
+    """
+    out = []
+    for s in sweep.selected.itertuples():
+        run = sweep.chosen(s.network, s.seed, s.penalty)
+        cap = sweep.max_epochs(run)
+        edge = ""
+        if s.penalty != BASELINE:
+            grid, w = sweep.grid_of(s.network, s.penalty), float(s.weight)
+            if grid and math.isclose(w, grid[0], rel_tol=1e-9) and grid[0] > GRID_ENDS[0] * (1 + 1e-9):
+                edge = "low"
+            elif grid and math.isclose(w, grid[-1], rel_tol=1e-9) and grid[-1] < GRID_ENDS[1] * (1 - 1e-9):
+                edge = "high"
+        out.append({"dataset": sweep.label, "network": s.network, "seed": int(s.seed), "penalty": s.penalty,
+                    "weight": float(s.weight), "edge": edge,
+                    "capped": bool(cap is not None and run["epochs"] is not None and run["epochs"] >= cap)})
+    return out
+
+
+def _stages_lines(sweep: SweepData) -> list[str]:
+    stages = sweep.config.get("stages")
+    if not stages:
+        return []
+    k = stages["neighbours"]
+    md = [f"Weights in two stages (`{sweep.name}`): stage 1 ran every weight of the grid "
+          f"{sweep.config.get('weights')} on seed(s) {stages['wide_seeds']}; stage 2 runs every seed at, per "
+          f"network and penalty, the stage-1 best weight (highest mean validation accuracy over those seeds) "
+          f"and its {k} nearest weight(s) of the grid on each side, and each seed's weight is chosen among them."]
+    if sweep.selection is None:
+        md[0] += " **Stage 2 has not begun**: every weight of the grid competes in the tables below."
+    else:
+        md[0] += " Stage-2 weights:"
+        for (net, pen), ws in sorted(sweep.selection.items()):
+            md.append(f"- {net} / {pen}: {', '.join(f'{w:g}' for w in ws)}")
+    return md + [""]
+
+
+def _convergence_section(sweeps: list[SweepData]) -> list[str]:
+    flags = [f for s in sweeps for f in choice_flags(s)]
+    md = ["## Convergence and grid edges\n"]
+    if not flags:
+        return md + ["No run has been chosen yet.\n"]
+    n, capped = len(flags), sum(f["capped"] for f in flags)
+    edges = [f for f in flags if f["edge"]]
+    md.append(
+        f"Of the {n} runs chosen by validation, **{capped} ({capped / n:.1%}) stopped at their epoch cap** and "
+        f"**{len(edges)} chose a weight at an edge of a grid that stops short of {GRID_ENDS[0]:g} or "
+        f"{GRID_ENDS[1]:g}**. A run at its cap may be under-trained (the goal: at most 5% of the chosen runs); "
+        "a weight at such an edge says that the grid did not bracket the best weight, so the penalty may do "
+        "better beyond it.\n"
+    )
+    rows = []
+    for p in dict.fromkeys(p for s in sweeps for p in s.penalties):
+        fs = [f for f in flags if f["penalty"] == p]
+        if fs:
+            rows.append([p, len(fs), sum(f["capped"] for f in fs), sum(f["edge"] == "low" for f in fs),
+                         sum(f["edge"] == "high" for f in fs)])
+    md.append(markdown_table(["penalty", "chosen runs", "at epoch cap", "at the low edge", "at the high edge"],
+                             rows) + "\n")
+    for s in sweeps:
+        md += _stages_lines(s)
+    return md
+
+
+def _design_section(selected: pd.DataFrame, penalties: list[str], figs: Path, root: Path) -> list[str]:
+    from . import plots
+
+    md = ["## Tests that match the design\n",
+          "Seeds are nested in (dataset, network) blocks and blocks in data sets. Each penalty against "
+          f"`{BASELINE}`: a two-sided Wilcoxon signed-rank test over the blocks (a block's value is its seed-mean "
+          "paired difference), Holm-corrected over the penalties; the interval is a hierarchical bootstrap that "
+          "draws blocks with replacement and then seeds within each drawn block (10,000 replicates, generator "
+          "seed 0), so it carries the variation between blocks as well as between seeds.\n"]
+    tests = wilcoxon_holm(selected, BASELINE, penalties)
+    if tests.empty:
+        return md + [f"Not computed: no block has finished runs of both `{BASELINE}` and another penalty.\n"]
+    boot = hierarchical_bootstrap(selected, BASELINE, penalties)
+    rows = [[p, int(r["blocks"]), f"{int(r['wins'])} of {int(r['blocks'])}", _diff(r["mean"]),
+             _interval(boot.loc[p, "low"], boot.loc[p, "high"]), _p(r["p"]), _p(r["p_holm"])]
+            for p, r in tests.iterrows()]
+    md.append(markdown_table(["penalty", "blocks", "ahead in", "mean difference", "hierarchical 95% interval",
+                              "Wilcoxon p", "Holm p"], rows) + "\n")
+    comp = dataset_comparison(selected, penalties=penalties)
+    md.append("**The data set as the unit.** " + (
+        comp.summary().replace("blocks", "data sets", 1) if comp.friedman_p is not None
+        else f"Friedman test over data sets not computed ({comp.n} data set{'' if comp.n == 1 else 's'}; it needs "
+             "at least 3 and 3 penalties).") + "\n")
+    mm = mixed_model(selected, BASELINE, penalties)
+    md.append(f"**Mixed model** `{mm.formula or 'accuracy ~ penalty + ...'}` (statsmodels MixedLM, maximum "
+              "likelihood): " + (
+                  f"likelihood-ratio test of the penalty effect chi2 = {mm.lr_statistic:.1f}, df = {mm.df}, "
+                  f"p = {_p(mm.p)}{'' if mm.converged else ' (the fit did not converge)'}."
+                  if mm.p is not None else "; ".join(mm.notes)) + "\n")
+    if not mm.coefficients.empty:
+        md.append(markdown_table(["penalty", f"effect vs `{BASELINE}`", "std. error", "Wald p"],
+                                 [[p, _diff(r["estimate"]), f"{r['se']:.4f}", _p(r["p"])]
+                                  for p, r in mm.coefficients.iterrows()]) + "\n")
+        md += [f"- {note}" for note in mm.notes if mm.p is not None]
+        md.append("")
+    _, per_block = differences_to_baseline(selected, BASELINE, penalties)
+    if per_block["block"].nunique() > 1:
+        path = plots.forest_plot(per_block, figs / "forest", BASELINE)[0]
+        md.append("Effect per block (seed-mean difference with its 95% bootstrap interval over seeds), beside the "
+                  "ranks above:\n")
+        md.append(f"![effect sizes per block]({_rel(path, root)})\n")
+    return md
+
+
+def _diff(x: float) -> str:
+    """A signed difference to 4 decimals; one that rounds to zero is 0.0000 (no "-0.0000")."""
+    return _signed(round(x, 4) + 0.0) if x is not None and math.isfinite(x) else "–"
+
+
+def _p(x: float) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.2g}"
+
+
 def _deaths_section(sweep: SweepData, figs: Path) -> list[str]:
     """Deaths at the end of training of the chosen runs, pooled over seeds."""
     from . import plots
@@ -642,10 +799,12 @@ def write_report(out_dir: str | Path, alpha: float = 0.05) -> tuple[Path, str]:
         table = summary_table(sweep.selected, comp, sweep.penalties)
         md = (
             _header(sweep)
+            + _convergence_section([sweep])
             + _warnings_section([sweep])
             + _accuracy_section(sweep, table)
             + _difference_section(sweep.selected, sweep.penalties)
             + _comparison_section(comp, figs, sweep.root)
+            + _design_section(sweep.selected, sweep.penalties, figs, sweep.root)
             + _deaths_section(sweep, figs)
             + _heatmap_section(sweep, figs)
             + _curves_section(sweep, figs)
@@ -760,10 +919,12 @@ def write_combined_report(dirs: list[str | Path], out_dir: str | Path, alpha: fl
         table = summary_table(selected, comp, common)
         md = (
             _combined_header(sweeps, out, common, left_out)
+            + _convergence_section(sweeps)
             + _warnings_section(sweeps)
             + ["## Test accuracy\n", _SELECTION, table + "\n"]
             + _difference_section(selected, common)
             + _comparison_section(comp, figs, out)
+            + _design_section(selected, common, figs, out)
             + _combined_versions(sweeps)
         )
         path = out / "report.md"
