@@ -574,6 +574,9 @@ def _design_section(selected: pd.DataFrame, penalties: list[str], figs: Path, ro
         md.append(markdown_table(["penalty", f"effect vs `{BASELINE}`", "std. error", "Wald p"],
                                  [[p, _diff(r["estimate"]), f"{r['se']:.4f}", _p(r["p"])]
                                   for p, r in mm.coefficients.iterrows()]) + "\n")
+        md.append("The model gives every penalty one effect in all blocks; where the effects differ between "
+                  "blocks (the forest plot below) its Wald p-values are optimistic. The Wilcoxon tests over "
+                  "blocks above do not assume a common effect: read them first.\n")
         md += [f"- {note}" for note in mm.notes if mm.p is not None]
         md.append("")
     _, per_block = differences_to_baseline(selected, BASELINE, penalties)
