@@ -232,13 +232,6 @@ def test_modes_that_do_not_fit_the_shape_are_clear_errors(x, mode, msg):
 # --------------------------------------------------------------------------- row subsampling
 
 
-def _rows_used(full: torch.Tensor, sub: torch.Tensor) -> list[int]:
-    """Which rows of ``full`` make up ``sub`` (rows are distinct random vectors)."""
-    hits = (sub[:, None, :] == full.detach()[None, :, :]).all(-1)
-    assert bool((hits.sum(1) == 1).all()), "every drawn row is one original row"
-    return hits.float().argmax(1).tolist()
-
-
 def test_max_samples_draws_rows_without_replacement_and_equals_the_reference_on_them():
     from references import reference_penalty
 
@@ -246,8 +239,7 @@ def test_max_samples_draws_rows_without_replacement_and_equals_the_reference_on_
     a = torch.randn(500, 6, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(120, 5, generator=g, dtype=torch.float64, requires_grad=True)
     r = td.decorrelation_result([a, b], "t1", pooled=False, max_samples=64, generator=torch.Generator().manual_seed(0))
-    rows_a = _rows_used(a, r.groups[0])
-    rows_b = _rows_used(b, r.groups[1])
+    rows_a, rows_b = r.rows[0].tolist(), r.rows[1].tolist()
     assert len(rows_a) == len(set(rows_a)) == 64 and len(rows_b) == len(set(rows_b)) == 64
     q = reference_penalty([a[rows_a], b[rows_b]], "t1")
     torch.testing.assert_close(r.value, q)
@@ -264,7 +256,7 @@ def test_max_samples_pooled_layers_share_their_rows_and_small_layers_are_whole()
     a = torch.randn(400, 4, generator=g, dtype=torch.float64)
     # b duplicates a's columns: only the same rows on both sides keep them perfectly correlated
     r = td.decorrelation_result([a, a.clone()], "t1", max_samples=50, generator=torch.Generator().manual_seed(1))
-    assert r.clouds == (8,) and r.groups[0].shape == (50, 8)
+    assert r.clouds == (8,) and r.rows[0].shape == (50,)
     assert int((r.deaths[0] < 1e-12).sum()) == 4
     # a layer with no more rows than max_samples is used whole: the exact full-sample value
     small = torch.randn(40, 5, generator=g)
@@ -285,7 +277,7 @@ def test_max_samples_is_seeded_and_checked():
             td.decorrelation_penalty([a], "t1", max_samples=bad)
 
 
-def test_result_is_frozen_and_its_dead_count_lazy():
+def test_result_is_frozen_and_keeps_no_copy_of_the_clouds():
     import dataclasses
 
     acts, _ = _with_dead_columns(seed=5)
@@ -293,8 +285,9 @@ def test_result_is_frozen_and_its_dead_count_lazy():
     assert r.value.requires_grad and r.deaths[0].requires_grad
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.value = torch.zeros(())
-    assert "dead" not in r.__dict__  # nothing computed until asked
-    assert int(r.dead) == 3 and "dead" in r.__dict__
+    assert int(r.dead) == 3  # from the op's moments
+    held = [f.name for f in dataclasses.fields(r) if isinstance(getattr(r, f.name), torch.Tensor)]
+    assert held == ["value", "dead"] and r.dead.dim() == 0, "no (samples, neurons) cloud is kept"
     d = r.detached()
     assert not d.value.requires_grad and not d.deaths[0].requires_grad and int(d.dead) == 3
     assert isinstance(td.decorrelation_penalty([acts], "t1"), torch.Tensor)
@@ -333,26 +326,65 @@ def test_per_layer_trees_come_from_one_batched_call(monkeypatch):
     import topodecorr.functional as F
     from references import reference_penalty
 
-    calls = {"many": 0, "one": 0}
-    many, one = F.correlation_deaths_many, F.correlation_deaths
+    calls = []
+    real = F.tree_deaths
 
-    def count_many(*a, **k):
-        calls["many"] += 1
-        return many(*a, **k)
+    def count(acts, *a, **k):
+        calls.append(len(acts))
+        return real(acts, *a, **k)
 
-    def count_one(*a, **k):
-        calls["one"] += 1
-        return one(*a, **k)
-
-    monkeypatch.setattr(F, "correlation_deaths_many", count_many)
-    monkeypatch.setattr(F, "correlation_deaths", count_one)
+    monkeypatch.setattr(F, "tree_deaths", count)
     g = torch.Generator().manual_seed(31)
     acts = [torch.randn(40 + 10 * k, 3 + k, generator=g, dtype=torch.float64, requires_grad=True) for k in range(17)]
     p = td.decorrelation_penalty(acts, "t2", pooled=False)
-    assert calls == {"many": 1, "one": 0}  # 17 clouds, one kernel call
+    assert calls == [17]  # 17 clouds, one op call
     q = reference_penalty(acts, "t2")
     torch.testing.assert_close(p, q)
     for ga, ha in zip(torch.autograd.grad(p, acts), torch.autograd.grad(q, acts)):
         torch.testing.assert_close(ga, ha)
-    td.decorrelation_penalty(acts[:1], "t1")
-    assert calls == {"many": 1, "one": 1}  # a single cloud keeps the single-cloud path
+
+
+
+# --------------------------------------------------------------------------- channel maps without the copy
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_channel_maps_enter_the_op_as_they_are_and_equal_the_flattened_pipeline(monkeypatch, pooled):
+    import topodecorr.functional as F
+
+    seen = []
+    real = F.tree_deaths
+
+    def spy(acts, kind, backend, edges, block, layouts, *a, **k):
+        seen.append([(tuple(x.shape), lay) for x, lay in zip(acts, layouts)])
+        return real(acts, kind, backend, edges, block, layouts, *a, **k)
+
+    monkeypatch.setattr(F, "tree_deaths", spy)
+    g = torch.Generator().manual_seed(41)
+    maps = [torch.randn(4, 6, 5, 5, generator=g, dtype=torch.float64), torch.randn(4, 3, 5, 5, generator=g,
+                                                                                     dtype=torch.float64)]
+    raw = [m.clone().requires_grad_(True) for m in maps]
+    flat = [m.clone().requires_grad_(True) for m in maps]
+    r1 = td.decorrelation_result(raw, "t2", pooled=pooled, modes=["channel", "channel"])
+    r2 = td.decorrelation_result([flatten_activation(m, "channel") for m in flat], "t2", pooled=pooled)
+    want = [((4, 9, 5, 5), "channel")] if pooled else [((4, 6, 5, 5), "channel"), ((4, 3, 5, 5), "channel")]
+    assert seen[0] == want, "no (B * H * W, C) copy: the op reads the maps"
+    torch.testing.assert_close(r1.value, r2.value, rtol=0, atol=1e-13)
+    assert all(torch.equal(a, b) for a, b in zip(r1.edges, r2.edges))
+    for a, b in zip(torch.autograd.grad(r1.value, raw), torch.autograd.grad(r2.value, flat)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+def test_channel_maps_flattened_where_the_pipeline_needs_rows():
+    """Row draws, neuron sampling and activation penalties flatten the map: the same results as by hand."""
+    g = torch.Generator().manual_seed(42)
+    m = torch.randn(3, 8, 4, 4, generator=g, dtype=torch.float64)
+    flat = flatten_activation(m, "channel")
+    for kw in ({"max_samples": 20}, {"sampling": "importance", "fraction": 0.5}, {}):
+        for pen in ("t1", "decov"):
+            a = td.decorrelation_result([m], pen, modes=["channel"], generator=torch.Generator().manual_seed(0), **kw)
+            b = td.decorrelation_result([flat], pen, generator=torch.Generator().manual_seed(0), **kw)
+            torch.testing.assert_close(a.value, b.value, rtol=0, atol=1e-13)
+            assert int(a.dead) == int(b.dead) == 0
+    with pytest.raises(ValueError, match="one entry per activation"):
+        td.decorrelation_result([m], "t1", modes=["channel", "flatten"])

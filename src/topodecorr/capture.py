@@ -471,6 +471,16 @@ class Decorrelation:
             acts.append(flatten_activation(self._output, self.mode or "flatten"))
         return acts
 
+    def _penalty_inputs(self) -> tuple[list[torch.Tensor], list[str]]:
+        """The captured outputs for the pipeline: channel maps as they are (it reads them without
+        the (B * H * W, C) copy), everything else flattened (a view)."""
+        pairs = [(t, self.modes[i]) for i, t in self._captured]
+        if self._output is not None:
+            pairs.append((self._output, self.mode or "flatten"))
+        keep = [m == "channel" and isinstance(t, torch.Tensor) and t.dim() > 2 for t, m in pairs]
+        acts = [t if k else flatten_activation(t, m) for (t, m), k in zip(pairs, keep)]
+        return acts, ["channel" if k else "flatten" for k in keep]
+
     def penalty(self) -> torch.Tensor:
         """Weighted penalty of the activations captured by the last forward pass.
 
@@ -480,7 +490,7 @@ class Decorrelation:
         try:
             if self.step % self.every != 0:
                 return self._zero()
-            acts = self.captured_activations()
+            acts, modes = self._penalty_inputs()
             if not acts:
                 if not self._handles:
                     raise RuntimeError("Decorrelation is not attached: use `with reg:` or reg.attach()")
@@ -500,7 +510,7 @@ class Decorrelation:
             acts = self._gather(acts)
             self._used = True
             try:
-                return self._compute(acts, is_output)
+                return self._compute(acts, is_output, modes)
             except NonFiniteActivationsError:
                 return self._nonfinite("the captured activations are not finite (NaN or inf)")
         finally:
@@ -520,8 +530,8 @@ class Decorrelation:
             return acts
         return [gather_activations(a) for a in acts]
 
-    def _compute(self, acts, is_output) -> torch.Tensor:
-        shape = tuple(a.shape[1] for a in acts)
+    def _compute(self, acts, is_output, modes) -> torch.Tensor:
+        shape = tuple(a.shape[1] for a in acts)  # neurons per layer (channels of a map)
         tree = self._tree if self._regularised % self.refresh_every != 0 else None
         if tree is not None and tree.shape != shape:
             tree = None  # the layers changed width (another model path): build a new tree
@@ -534,6 +544,7 @@ class Decorrelation:
             indices=tree.indices if tree else None,
             edges=tree.edges if tree else None,
             live=tree.live if tree else None,
+            modes=modes,
             **self._options,
         )
         self._regularised += 1

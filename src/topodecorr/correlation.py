@@ -40,10 +40,16 @@ class NonFiniteActivationsError(ValueError, FloatingPointError):
 #: Names accepted by :func:`dissimilarity`.
 DISSIMILARITIES = ("abs", "sqrt")
 
-# A neuron counts as constant when its centred norm is below this many
-# machine epsilons times its largest absolute activation (times sqrt(B)):
-# below that level the "variation" is float rounding of the mean, not signal.
-_CONSTANT_RTOL_ULPS = 8.0
+# A neuron counts as constant when its centred norm is at most this many machine
+# epsilons times sqrt(B) times the magnitude of its mean (its standard deviation at most
+# 2 eps |mean|): below that level the "variation" is the rounding of a computed constant
+# (at most an ulp or so), not signal. An exact constant gives exactly 0 after the shift by
+# the first sample. (8 was too many: 1e6 + N(0, 1) in float32 has a deviation of ~8.4 eps |mean|.)
+_CONSTANT_RTOL_ULPS = 2.0
+
+# float32 arithmetic for the normalisation only while the centred norms stay within these
+# bounds (their reciprocals then stay far inside float32's range); float64 otherwise
+_SAFE_NORM = (2.0**-60, 2.0**60)
 
 # Gradient floor for sqrt(1 - c^2): the derivative -c / sqrt(1 - c^2) is
 # evaluated with sqrt(1 - c^2) >= _SQRT_GRAD_FLOOR, so it is at most 1e3.
@@ -100,25 +106,82 @@ def normalize_activations(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     dtype = _stat_dtype(acts)
     with torch.autocast(device_type=acts.device.type, enabled=False):
         x = acts.to(dtype)
-        if not torch.isfinite(x).all():
+        # shift by the first sample (exact for a large common offset), then centre and scale
+        x0 = x[:1].detach()
+        xs = x - x0
+        mean, inv, dead, finite = moments(xs.detach(), x0, dim=0)
+        if not bool(finite):
             raise NonFiniteActivationsError(
                 "activations contain NaN or inf; the network diverged or its inputs are not finite "
                 "(check the learning rate and the data) before computing correlations"
             )
-        # Divide each column by its largest |activation| first (a constant, so z is
-        # unchanged in value and gradient): the mean and the squares in the norm then
-        # can neither overflow (float32 activations above ~1e19) nor underflow.
-        scale = x.detach().abs().amax(dim=0)
-        x = x * torch.where(scale > 0, scale, torch.ones_like(scale)).reciprocal()
-        xc = x - x.mean(dim=0, keepdim=True)
+        if not norm_in_float32_range(inv, dead):
+            xs = _scaled_wide(xs)  # subnormal or huge activations: their squares would leave the range
+        xc = xs - xs.mean(dim=0, keepdim=True)
         norm = torch.linalg.vector_norm(xc, dim=0)
-        tol = _CONSTANT_RTOL_ULPS * torch.finfo(dtype).eps * (x.shape[0] ** 0.5)
-        dead = (norm.detach() <= tol) | (scale == 0)
-        # per-column factors on the (n,) vector, then one (B, n) product: fewer passes over
-        # the activations forward and backward than masking the (B, n) matrix itself
+        # per-column factors on the (n,) vector, then one (B, n) product
         inv = torch.where(dead, torch.zeros_like(norm), torch.where(dead, torch.ones_like(norm), norm).reciprocal())
-        z = xc * inv
+        z = (xc * inv).to(dtype)
     return z, dead
+
+
+def _scaled_wide(xs: torch.Tensor) -> torch.Tensor:
+    """``xs`` in float64 times a power of two per column (a constant): column maxima near 1.
+
+    Exact, and harmless to z (scale-free, in value and gradient).
+    """
+    wide = xs.double()
+    with torch.no_grad():
+        _, e = torch.frexp(wide.abs().amax(dim=0, keepdim=True))
+        half = -(e // 2)  # two exact steps: 2^-e alone can leave float64's range
+        one = torch.ones((), dtype=torch.float64, device=xs.device)
+        f1, f2 = torch.ldexp(one, half), torch.ldexp(one, -e - half)
+    return wide * f1 * f2
+
+
+def moments(xs: torch.Tensor, x0: torch.Tensor, dim: int):
+    """Centring and scaling factors of shifted activations ``xs = x - x0`` along ``dim``, without gradient.
+
+    Package-internal. The sum and the sum of squares are accumulated in float64.
+    Because ``x0`` is one of the samples, the mean of ``xs`` is of the order of
+    the spread and ``ss - s1 * mean`` loses little to cancellation.
+
+    Returns ``(mean, inv, dead, finite)``: float64 (n,) mean of ``xs`` and
+    ``1 / ||x - mean(x)||`` (0 for dead neurons), the dead flags
+    (:func:`constant_rows`) and a 0-dim bool (all activations finite).
+    """
+    with torch.no_grad():
+        B = xs.shape[dim]
+        s1 = xs.sum(dim=dim, dtype=torch.float64)
+        ss = torch.linalg.vector_norm(xs, dim=dim, dtype=torch.float64).square()
+        mean = s1 / B
+        norm = (ss - s1 * mean).clamp_min(0.0).sqrt()
+        finite = torch.isfinite(ss).all() & torch.isfinite(s1).all()
+        level = (x0.detach().to(torch.float64).reshape(-1) + mean).abs()
+        # a norm that underflowed although the column moves (float64 subnormals): not dead,
+        # and an infinite 1 / norm sends the caller to its rescaled path
+        moves = (norm < _SAFE_NORM[0]) & (s1 != 0)
+        dead = constant_rows(norm, level, B, xs.dtype) & ~moves
+        inv = torch.where(dead, 0.0, 1.0 / torch.where(dead, 1.0, norm))
+    return mean, inv, dead, finite
+
+
+def constant_rows(norm: torch.Tensor, level: torch.Tensor, samples: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dead (constant) neurons: centred norm 0 or at most ``2 eps sqrt(B)`` times ``|mean|`` (``level``).
+
+    Below that level the "variation" is the rounding of a constant in ``dtype``, not signal.
+    """
+    tol = _CONSTANT_RTOL_ULPS * torch.finfo(dtype).eps * (samples**0.5)
+    return (norm <= tol * level) | (norm == 0)
+
+
+def norm_in_float32_range(inv: torch.Tensor, dead: torch.Tensor) -> bool:
+    """Whether every live ``1 / norm`` lies within :data:`_SAFE_NORM` (float32 arithmetic suffices); syncs."""
+    live = inv[~dead]
+    if live.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(live)
+    return bool((lo >= 1.0 / _SAFE_NORM[1]) & (hi <= 1.0 / _SAFE_NORM[0]))
 
 
 def clip_unit(c: torch.Tensor) -> torch.Tensor:
@@ -143,11 +206,8 @@ def correlation_product(z: torch.Tensor, block: int | None = None) -> torch.Tens
     block : int, optional
         Block width for computing only the blocks on and above the diagonal with
         torch (symmetry), ``block >= n`` for one full product. ``None`` picks the
-        measured default: on the CPU, NumPy's ``A.T @ A`` (BLAS syrk, upper half
-        only, exactly symmetric; 3-4x faster than torch's ``mm`` at n = 1010,
-        B = 256 on one thread); elsewhere blocks of 512 when ``n >= 2048`` and
-        either ``B >= 512`` or torch runs one CPU thread, else one full product
-        (BENCHMARKS.md, "Kernels").
+        measured default of :func:`gram_rows` (on the CPU NumPy's syrk on one
+        BLAS thread from 512 neurons on, else ``torch.mm``; never a second pool).
 
     Returns
     -------
@@ -155,17 +215,9 @@ def correlation_product(z: torch.Tensor, block: int | None = None) -> torch.Tens
     """
     with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
         zd = z.detach()
-        n = zd.shape[1]
-        if block is None:
-            if zd.device.type == "cpu":
-                a = zd.contiguous().numpy()
-                with _numpy_blas_threads(torch.get_num_threads()):
-                    return torch.from_numpy(a.T @ a)
-            wide = zd.shape[0] >= 512
-            block = 512 if (wide and n >= 2048) else n
-        if block < 1:
-            raise ValueError(f"block must be a positive width, got {block}")
-        return zd.T @ zd if block >= n else _upper_gram(zd, block)
+        if block is None and zd.device.type != "cpu":
+            return zd.T @ zd
+        return _gram_one(zd.T, block)
 
 
 @functools.lru_cache(maxsize=1)
@@ -180,12 +232,12 @@ def _numpy_blas():
 
 
 def _numpy_blas_threads(n: int):
-    """Run NumPy's BLAS on ``n`` threads inside the block: torch's thread count, not NumPy's own.
+    """Run NumPy's BLAS on ``n`` threads inside the block (the products use 1: no second pool).
 
     NumPy's OpenBLAS starts one thread per core whatever ``torch.set_num_threads``
-    says; in a one-thread training process (a sweep worker) that oversubscribes the
-    cores, and on this 2-core machine the syrk at n = 1010, B = 256 took 16 ms on 2
-    threads against 8.6 ms on one. A no-op without threadpoolctl.
+    says, and its threads and torch's OpenMP team spin against each other (issue 18:
+    a 2-thread MLP step took 38-94 ms against 17 ms with passive waiting). A no-op
+    without threadpoolctl.
     """
     blas = _numpy_blas()
     if blas is None or all(lib.num_threads == n for lib in blas.lib_controllers):
@@ -193,44 +245,60 @@ def _numpy_blas_threads(n: int):
     return blas.limit(limits=n)
 
 
-def correlation_products(zs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """:func:`correlation_product` of every layer, batched where shapes allow.
+# Below this many neurons torch.mm (torch's threads) beats NumPy's syrk on one thread
+# (BENCHMARKS.md, "Kernels": the product side by side); from it on syrk's half of the flops wins.
+_SYRK_MIN_NEURONS = 512
 
-    Package-internal. On the CPU each product is NumPy's syrk (half the flops;
-    a batched full product would be slower); on other devices layers with the
-    same (B, n) and dtype share one ``torch.bmm`` (:func:`_bmm_products`).
 
-    Parameters
-    ----------
-    zs : list of Tensor, shapes (B_l, n_l)
-        Normalised activations, all on one device.
+def gram_rows(zts: list[torch.Tensor], block: int | None = None) -> list[torch.Tensor]:
+    """``Zt Zt^T`` (n, n) of neuron-major normalised activations (n, R), per cloud, without gradient.
 
-    Returns
-    -------
-    list of Tensor, shapes (n_l, n_l), without gradient.
+    Package-internal: the products the fused op hands to the MST kernel. On the
+    CPU each runs in the calling thread or on torch's own threads, never on a
+    second pool: NumPy's syrk (half the flops, exactly symmetric) pinned to one
+    BLAS thread for ``n >= 512`` when threadpoolctl can pin it, else ``torch.mm``.
+    On accelerators the clouds with equal (n, R) and dtype share one ``bmm``.
+    ``block`` forces the blocked upper-half torch product (:func:`_upper_gram`).
     """
-    if zs and zs[0].device.type != "cpu":
-        return _bmm_products(zs)
-    return [correlation_product(z) for z in zs]
+    if not zts:
+        return []
+    with torch.no_grad(), torch.autocast(device_type=zts[0].device.type, enabled=False):
+        if zts[0].device.type != "cpu" and block is None:
+            return _bmm_rows(zts)
+        return [_gram_one(zt, block) for zt in zts]
 
 
-def _bmm_products(zs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``Z^T Z`` per layer, one ``torch.bmm`` per group of layers with equal (B, n, dtype)."""
-    out: list[torch.Tensor | None] = [None] * len(zs)
+def _bmm_rows(zts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``Zt Zt^T`` per cloud, one ``torch.bmm`` per group of clouds with equal (n, R, dtype)."""
+    out: list[torch.Tensor | None] = [None] * len(zts)
     groups: dict[tuple, list[int]] = {}
-    for l, z in enumerate(zs):
-        groups.setdefault((tuple(z.shape), z.dtype), []).append(l)
-    with torch.no_grad(), torch.autocast(device_type=zs[0].device.type if zs else "cpu", enabled=False):
-        for idx in groups.values():
-            if len(idx) == 1:
-                z = zs[idx[0]].detach()
-                out[idx[0]] = z.T @ z
-                continue
-            Z = torch.stack([zs[l].detach() for l in idx])  # (G, B, n)
-            P = torch.bmm(Z.transpose(1, 2), Z)
-            for k, l in enumerate(idx):
-                out[l] = P[k]
+    for l, zt in enumerate(zts):
+        groups.setdefault((tuple(zt.shape), zt.dtype), []).append(l)
+    for idx in groups.values():
+        if len(idx) == 1:
+            out[idx[0]] = zts[idx[0]] @ zts[idx[0]].T
+            continue
+        Z = torch.stack([zts[l] for l in idx])  # (G, n, R)
+        P = torch.bmm(Z, Z.transpose(1, 2))
+        for k, l in enumerate(idx):
+            out[l] = P[k]
     return out  # type: ignore[return-value]
+
+
+def _gram_one(zt: torch.Tensor, block: int | None) -> torch.Tensor:
+    n = zt.shape[0]
+    if block is not None:
+        if block < 1:
+            raise ValueError(f"block must be a positive width, got {block}")
+        return zt @ zt.T if block >= n else _upper_gram(zt.T, block)
+    if zt.device.type == "cpu" and n >= _SYRK_MIN_NEURONS and _numpy_blas() is not None:
+        with _numpy_blas_threads(1):  # syrk in the calling thread: no second pool
+            if zt.is_contiguous():
+                a = zt.numpy()
+                return torch.from_numpy(a @ a.T)
+            b = zt.T.contiguous().numpy()
+            return torch.from_numpy(b.T @ b)
+    return torch.mm(zt, zt.T)
 
 
 def _upper_gram(z: torch.Tensor, block: int) -> torch.Tensor:
@@ -249,28 +317,6 @@ def _upper_gram(z: torch.Tensor, block: int) -> torch.Tensor:
         if e < n:
             C[e:, s:e] = C[s:e, e:].T
     return C
-
-
-def pair_correlations(z: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Correlations ``z[:, lo[k]] . z[:, hi[k]]`` of chosen pairs, with gradient, clipped in value.
-
-    Package-internal (not in ``__all__``). Gathers neuron rows of a contiguous
-    (n, B) copy of ``z``: contiguous reads, and a row scatter in the backward
-    (measured ~2x faster than column gathers at n = 4096).
-
-    Parameters
-    ----------
-    z : Tensor, shape (B, n)
-    lo, hi : LongTensor, shape (m,)
-
-    Returns
-    -------
-    Tensor, shape (m,)
-    """
-    with torch.autocast(device_type=z.device.type, enabled=False):
-        zt = z.T.contiguous()
-        c = (zt.index_select(0, lo) * zt.index_select(0, hi)).sum(dim=1)
-        return clip_unit(c)
 
 
 def correlation(acts: torch.Tensor) -> torch.Tensor:

@@ -46,15 +46,14 @@ the deaths move by about ``1 / sqrt(max_samples)`` (measured in BENCHMARKS.md,
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 
 import torch
 
 from . import _checks
 from ._checks import DEAD_NEURONS, PIPELINE_KINDS as KINDS
-from .correlation import normalize_activations
+from . import _fused
 from .penalties import PER_HIDDEN_LAYER, names
-from .persistence import correlation_deaths, correlation_deaths_many
+from .persistence import _deaths_of as tree_deaths
 from .sampling import select_neurons
 
 __all__ = [
@@ -93,11 +92,14 @@ class PenaltyResult:
         Neurons per point cloud (after dropping dead ones).
     dropped : int
         Dead neurons taken out of the clouds.
+    dead : Tensor (0-dim, int64) or None
+        Neurons constant over the rows used, over all clouds, dropped ones
+        included; read off the moments the pipeline computed anyway (no copy of
+        the clouds is kept, and reading it is the only host synchronisation).
+    rows : tuple of (LongTensor | None)
+        The rows drawn per cloud by ``max_samples`` (None: every row).
 
-    ``neurons`` is the sum of ``clouds``; ``dead`` (the number of neurons
-    constant over the rows used, dropped ones included, a 0-dim tensor) is
-    computed on first access from detached copies of the clouds, so a
-    training step that never logs it does not pay for it.
+    ``neurons`` is the sum of ``clouds``.
     """
 
     value: torch.Tensor
@@ -107,28 +109,17 @@ class PenaltyResult:
     live: tuple[torch.Tensor | None, ...] = ()
     clouds: tuple[int, ...] = ()
     dropped: int = 0
-    groups: tuple[torch.Tensor, ...] = field(default=(), repr=False)
+    dead: torch.Tensor | None = field(default=None, repr=False)
+    rows: tuple[torch.Tensor | None, ...] = ()
 
     @property
     def neurons(self) -> int:
         """Neurons in all point clouds."""
         return sum(self.clouds)
 
-    @cached_property
-    def dead(self) -> torch.Tensor | None:
-        """Number of constant (dead) neurons over all point clouds (dropped ones included)."""
-        if not self.groups:
-            return None
-        with torch.no_grad():
-            kept = torch.stack([normalize_activations(g)[1].sum() for g in self.groups]).sum()
-        return kept + self.dropped
-
     def detached(self) -> "PenaltyResult":
         """The same result with the value and deaths detached (for statistics kept past the step)."""
-        out = replace(self, value=self.value.detach(), deaths=tuple(d.detach() for d in self.deaths))
-        if "dead" in self.__dict__:
-            out.__dict__["dead"] = self.__dict__["dead"]
-        return out
+        return replace(self, value=self.value.detach(), deaths=tuple(d.detach() for d in self.deaths))
 
 
 def flatten_activation(x: torch.Tensor, mode: str = "flatten") -> torch.Tensor:
@@ -162,6 +153,16 @@ def flatten_activation(x: torch.Tensor, mode: str = "flatten") -> torch.Tensor:
     >>> flatten_activation(x, "channel").shape  # dim 1 (the tokens) would be the neurons
     torch.Size([64, 7])
     """
+    _check_layer(x, mode)
+    if mode == "flatten" or x.dim() == 2:
+        return x.reshape(x.shape[0], -1)
+    if mode == "channel":
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _check_layer(x: torch.Tensor, mode: str) -> None:
+    """The errors of :func:`flatten_activation`, without flattening."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"a captured layer output must be a tensor, got {type(x).__name__}")
     if mode not in MODES:
@@ -175,25 +176,17 @@ def flatten_activation(x: torch.Tensor, mode: str = "flatten") -> torch.Tensor:
         )
     if x.numel() == 0:
         raise ValueError(f"a layer output of shape {tuple(x.shape)} has no entries: nothing to correlate")
-    if mode == "flatten" or x.dim() == 2:
-        return x.reshape(x.shape[0], -1)
-    if mode == "channel":
-        return x.movedim(1, -1).reshape(-1, x.shape[1])
-    return x.reshape(-1, x.shape[-1])
 
 
-def _trees(groups, empty, entry, kind, backend, edges) -> dict:
-    """Deaths of every non-empty cloud for a deaths penalty: one batched call for several clouds."""
+def _trees(groups, layouts, empty, entry, kind, backend, edges) -> dict:
+    """(Deaths, dead flags) of every non-empty cloud for a deaths penalty: one op call for all clouds."""
     if entry.kind != "deaths":
         return {}
     todo = [g_i for g_i, skip in enumerate(empty) if not skip]
-    prev = [edges[g_i] if edges is not None else None for g_i in todo]
-    if len(todo) == 1:  # one cloud (pooled): the single-cloud pipeline
-        return {todo[0]: correlation_deaths(groups[todo[0]], kind=kind, backend=backend, edges=prev[0])}
     if not todo:
         return {}
-    # per-layer clouds: one kernel call for all trees (a 17-layer ResNet pays one, not 17)
-    res = correlation_deaths_many([groups[g_i] for g_i in todo], kind=kind, backend=backend, edges=prev)
+    prev = [edges[g_i] if edges is not None else None for g_i in todo]
+    res = tree_deaths([groups[g_i] for g_i in todo], kind, backend, prev, None, [layouts[g_i] for g_i in todo])
     return dict(zip(todo, res))
 
 
@@ -239,6 +232,7 @@ def decorrelation_result(
     live: list[torch.Tensor | None] | None = None,
     dead_neurons: str = "keep",
     backend: str = "auto",
+    modes: list[str] | None = None,
 ) -> PenaltyResult:
     """Weighted decorrelation penalty of a list of layer activations, with its deaths and trees.
 
@@ -279,6 +273,13 @@ def decorrelation_result(
         convention; they add deaths of 1) or leave it (counted as dead).
     backend : str
         MST kernel (see :func:`topodecorr.mst_deaths`).
+    modes : list of {"flatten", "channel", "features_last"}, optional
+        ``acts`` are raw layer outputs, each to be read as
+        :func:`flatten_activation` with its mode says. A ``"channel"`` map then
+        enters the fused op in its own (B, C, *spatial) layout, without the
+        (B * spatial, C) copy, whenever nothing needs that copy (no row draw, no
+        neuron sampling but ``"all"``, a penalty of deaths); ``"features_last"`` and
+        ``"flatten"`` are views already.
 
     Returns
     -------
@@ -300,50 +301,45 @@ def decorrelation_result(
         raise ValueError("no activations to regularise: pass at least one (samples, units) tensor")
     entry = _checks.pipeline(penalty, weight, dissimilarity, sampling, fraction, count, alpha, dead_neurons,
                              max_samples)
-    for k, a in enumerate(acts):
-        if not isinstance(a, torch.Tensor) or a.dim() != 2:
-            shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-            raise ValueError(
-                f"activation {k} must be (samples, units); flatten it first (flatten_activation), got {shape}"
-            )
+    acts, layouts = _layer_layouts(acts, modes, entry.kind == "deaths" and sampling == "all" and indices is None)
     per_layer = entry.name in PER_HIDDEN_LAYER  # decov_layer: one cloud per hidden layer, no logits
     pooled = pooled and not per_layer
     if pooled:
-        _check_same_samples(acts)
+        _check_same_samples(acts, layouts)
     if output_layers is None:
         output_layers = [False] * (len(acts) - 1) + [True]
-    acts = _draw_rows(acts, max_samples, pooled, generator)
+    acts, layouts, rows = _draw_rows(acts, layouts, max_samples, pooled, generator)
     sel = select_neurons(acts, output_layers, sampling, fraction, count, generator) if indices is None else indices
     picked = [a if i is None else a[:, i] for a, i in zip(acts, sel)]
-    groups = [torch.cat(picked, dim=1)] if pooled else picked
-    dropped = 0
-    if dead_neurons == "drop":
-        if live is None:
-            live = [_live_columns(g) for g in groups]
-        for g_i, keep in enumerate(live):
-            if keep is not None:
-                dropped += groups[g_i].shape[1] - keep.numel()
-                groups[g_i] = groups[g_i][:, keep]
-    else:
-        live = [None] * len(groups)
-    values, deaths, trees = [], [], []
+    if pooled and (len(set(layouts)) > 1 or len({a.shape[:1] + a.shape[2:] for a in picked}) > 1):
+        # a channel map pooled with a (samples, units) layer, or maps of different shapes: flatten them
+        picked = [flatten_activation(a, "channel") if lay == "channel" else a for a, lay in zip(picked, layouts)]
+        layouts = ["rows"] * len(picked)
+    groups = [picked[0] if len(picked) == 1 else torch.cat(picked, dim=1)] if pooled else picked
+    layouts = layouts[:1] if pooled else layouts
+    rows = rows[:1] if pooled else rows
+    live, dropped, pre_dead = _drop_dead(groups, layouts, live, dead_neurons)
     # fewer than two (live) neurons: no pair, no correlation; 0 with no gradient path
-    empty = [dead_neurons == "drop" and g.shape[1] < 2 for g in groups]
-    many = _trees(groups, empty, entry, dissimilarity, backend, edges)
+    empty = [(dead_neurons == "drop" and g.shape[1] < 2) or (per_layer and output_layers[g_i])
+             for g_i, g in enumerate(groups)]
+    many = _trees(groups, layouts, empty, entry, dissimilarity, backend, edges)
+    values, deaths, trees, dead = [], [], [], []
     for g_i, g in enumerate(groups):
-        if empty[g_i] or (per_layer and output_layers[g_i]):
+        if g_i in many:
+            (d, e), dd = many[g_i]
+            values.append(entry(d, alpha=alpha))
+            deaths.append(d)
+            trees.append(e)
+            dead.append(dd.sum())
+            continue
+        dead.append(_dead_flags(g, layouts[g_i]).sum())
+        if empty[g_i]:
             values.append(g.sum() * 0.0)
             if entry.kind == "deaths":
                 deaths.append(g.new_zeros(0))
                 trees.append(torch.zeros(0, 2, dtype=torch.long, device=g.device))
-            continue
-        if g_i in many:
-            d, e = many[g_i]
-            values.append(entry(d, alpha=alpha))
-            deaths.append(d)
-            trees.append(e)
         else:
-            values.append(entry(g, alpha=alpha))
+            values.append(entry(flatten_activation(g, "channel") if layouts[g_i] == "channel" else g, alpha=alpha))
     value = weight * torch.stack([v.float() if v.dtype != torch.float64 else v for v in values]).sum()
     return PenaltyResult(
         value=value,
@@ -353,30 +349,88 @@ def decorrelation_result(
         live=tuple(live),
         clouds=tuple(g.shape[1] for g in groups),
         dropped=dropped,
-        groups=tuple(g.detach() for g in groups),
+        dead=torch.stack(dead).sum() + pre_dead,
+        rows=tuple(rows),
     )
 
 
-def _draw_rows(acts, max_samples, pooled, generator):
-    """At most ``max_samples`` rows per cloud, without replacement (shared by the layers of a pooled cloud)."""
+def _layer_layouts(acts, modes, keep_channel):
+    """Each layer as (tensor, layout): 2-D (samples, units) or, kept as it is, a channel map."""
+    if modes is None:
+        for k, a in enumerate(acts):
+            if not isinstance(a, torch.Tensor) or a.dim() != 2:
+                shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+                raise ValueError(
+                    f"activation {k} must be (samples, units); flatten it first (flatten_activation) "
+                    f"or pass modes=, got {shape}"
+                )
+        return acts, ["rows"] * len(acts)
+    if len(modes) != len(acts):
+        raise ValueError(f"modes must have one entry per activation: {len(acts)} activations, {len(modes)} modes")
+    out, layouts = [], []
+    for a, mode in zip(acts, modes):
+        if mode == "channel" and keep_channel and isinstance(a, torch.Tensor) and a.dim() > 2:
+            _check_layer(a, mode)
+            out.append(a)
+            layouts.append("channel")
+        else:
+            out.append(flatten_activation(a, mode))
+            layouts.append("rows")
+    return out, layouts
+
+
+def _samples(a: torch.Tensor, layout: str) -> int:
+    return a.numel() // a.shape[1] if layout == "channel" else a.shape[0]
+
+
+def _drop_dead(groups, layouts, live, dead_neurons):
+    """``dead_neurons="drop"``: take the constant columns out of every cloud (in place in ``groups``)."""
+    if dead_neurons != "drop":
+        return [None] * len(groups), 0, 0
+    if live is None:
+        live = [_live_columns(g, lay) for g, lay in zip(groups, layouts)]
+    dropped = 0
+    for g_i, keep in enumerate(live):
+        if keep is not None:
+            dropped += groups[g_i].shape[1] - keep.numel()
+            groups[g_i] = groups[g_i][:, keep]
+    return live, dropped, dropped
+
+
+def _draw_rows(acts, layouts, max_samples, pooled, generator):
+    """At most ``max_samples`` rows per cloud, without replacement (shared by the layers of a pooled cloud).
+
+    Returns the layers, their layouts (a channel map that loses rows becomes (samples, units))
+    and the rows drawn per cloud (None: all).
+    """
     if max_samples is None:
-        return acts
+        return acts, layouts, [None] * len(acts)
 
     def draw(rows, device):
         idx = torch.randperm(rows, generator=generator)[:max_samples]
         return torch.sort(idx).values.to(device)
 
+    def take(a, lay, idx):
+        return (flatten_activation(a, "channel") if lay == "channel" else a).index_select(0, idx)
+
     if pooled:
-        rows = acts[0].shape[0]
+        rows = _samples(acts[0], layouts[0])
         if rows <= max_samples:
-            return acts
+            return acts, layouts, [None] * len(acts)
         idx = draw(rows, acts[0].device)
-        return [a.index_select(0, idx) for a in acts]
-    return [a if a.shape[0] <= max_samples else a.index_select(0, draw(a.shape[0], a.device)) for a in acts]
+        return [take(a, lay, idx) for a, lay in zip(acts, layouts)], ["rows"] * len(acts), [idx] * len(acts)
+    out, outl, drawn = [], [], []
+    for a, lay in zip(acts, layouts):
+        rows = _samples(a, lay)
+        idx = None if rows <= max_samples else draw(rows, a.device)
+        out.append(a if idx is None else take(a, lay, idx))
+        outl.append(lay if idx is None else "rows")
+        drawn.append(idx)
+    return out, outl, drawn
 
 
-def _check_same_samples(acts: list[torch.Tensor]) -> None:
-    rows = [a.shape[0] for a in acts]
+def _check_same_samples(acts: list[torch.Tensor], layouts: list[str]) -> None:
+    rows = [_samples(a, lay) for a, lay in zip(acts, layouts)]
     for k, r in enumerate(rows):
         if r != rows[0]:
             raise ValueError(
@@ -387,10 +441,15 @@ def _check_same_samples(acts: list[torch.Tensor]) -> None:
             )
 
 
-def _live_columns(g: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the non-constant columns of ``g`` (None when all are live: nothing to drop)."""
+def _dead_flags(g: torch.Tensor, layout: str = "rows") -> torch.Tensor:
+    """The constant columns of ``g`` by the fused op's rule (its moments, without gradient)."""
     with torch.no_grad():
-        _, dead = normalize_activations(g.detach())
+        return _fused.normalise(g, layout)[2]
+
+
+def _live_columns(g: torch.Tensor, layout: str = "rows") -> torch.Tensor | None:
+    """Indices of the non-constant columns of ``g`` (None when all are live: nothing to drop)."""
+    dead = _dead_flags(g, layout)
     if not bool(dead.any()):
         return None
     return (~dead).nonzero().squeeze(1)

@@ -24,14 +24,9 @@ from typing import NamedTuple
 
 import torch
 
-from ._kernels import matrix_stats, mst_edges, mst_edges_many
-from .correlation import (
-    correlation_product,
-    correlation_products,
-    dissimilarity,
-    normalize_activations,
-    pair_correlations,
-)
+from . import _fused
+from ._kernels import matrix_stats, mst_edges, resolve_backend
+from .correlation import DISSIMILARITIES, _check_acts, dissimilarity
 
 __all__ = ["Deaths", "mst_deaths", "correlation_deaths", "correlation_deaths_many", "check_dissimilarity"]
 
@@ -167,20 +162,23 @@ def correlation_deaths(
     backend: str = "auto",
     edges: torch.Tensor | None = None,
     gram_block: int | None = None,
+    layout: str = "rows",
 ) -> Deaths:
-    """Activations to MST deaths, back-propagating only through the n - 1 tree edges.
+    """Activations to MST deaths in one op, back-propagating only through the n - 1 tree edges.
 
     Equal in value and gradient to
     ``mst_deaths(dissimilarity(correlation(acts), kind))`` (up to the order of
-    tied deaths), but the (n, n) correlation matrix is built once *without*
-    gradient to find the tree; only the n - 1 selected correlations are
-    recomputed, with gradient, from the normalised activations. The backward
-    pass is O(n B) instead of O(n^2 B), and no n x n matrix is kept for it.
+    tied deaths and float rounding), but the (n, n) correlation matrix is built
+    once *without* gradient to find the tree, and the deaths are read off it.
+    The backward pass is one sparse product, O(n B): nothing O(n^2) and no
+    n x n matrix is kept for it (:mod:`topodecorr._fused`, the op
+    ``torch.ops.topodecorr.tree_correlations``, which ``torch.compile`` traces
+    without a graph break).
 
     Parameters
     ----------
-    acts : Tensor, shape (B, n)
-        Activations (B samples, n neurons); statistics in float32 under autocast.
+    acts : Tensor, shape (B, n), or (B, C, *spatial) with ``layout="channel"``
+        Activations (B samples, n neurons); statistics in float32 (float64 stays float64).
     kind : {"abs", "sqrt"}
         Dissimilarity (see :func:`topodecorr.dissimilarity`); both select the same tree.
     backend : str
@@ -191,9 +189,12 @@ def correlation_deaths(
         This is an approximation once the activations have moved.
     gram_block : int, optional
         Block width for computing only the upper half of the correlation
-        product (symmetry) with torch, ``>= n`` for one full product; ``None``
-        picks a measured default (see :func:`topodecorr.correlation.correlation_product`:
-        NumPy's syrk on the CPU).
+        product with torch, ``>= n`` for one full product; ``None`` picks the
+        measured default (:func:`topodecorr.correlation.gram_rows`).
+    layout : {"rows", "channel"}
+        ``"channel"``: ``acts`` is a (B, C, *spatial) map whose C channels are the
+        neurons and whose B x spatial positions are the samples (what
+        ``flatten_activation(acts, "channel")`` gives, without making that copy).
 
     Returns
     -------
@@ -210,29 +211,9 @@ def correlation_deaths(
     >>> torch.allclose(fused.deaths, dense.deaths, atol=1e-6)
     True
     """
-    z, _dead = normalize_activations(acts)
-    n = z.shape[1]
-    if n <= 1:
-        return _empty(z)
-    if edges is None:
-        edges = mst_edges(correlation_product(z, block=gram_block), abs_corr=True, backend=backend)
-    else:
-        edges = _given_edges(edges, n, z.device)
-    return _tree_deaths(z, edges, kind)
-
-
-def _given_edges(edges: torch.Tensor, n: int, device: torch.device, what: str = "edges") -> torch.Tensor:
-    if edges.shape != (n - 1, 2):
-        raise ValueError(f"{what} must have shape ({n - 1}, 2) for {n} neurons, got {tuple(edges.shape)}")
-    return edges.to(device)
-
-
-def _tree_deaths(z: torch.Tensor, edges: torch.Tensor, kind: str) -> Deaths:
-    """Deaths of the tree ``edges`` recomputed with gradient from the normalised activations ``z``."""
-    lo, hi = _ordered_pairs(edges)
-    with torch.autocast(device_type=z.device.type, enabled=False):
-        d = dissimilarity(pair_correlations(z, lo, hi), kind)
-    return _sorted(d, lo, hi)
+    if edges is not None and not isinstance(edges, torch.Tensor):
+        raise TypeError(f"edges must be a LongTensor (n - 1, 2) or None, got {type(edges).__name__}")
+    return _deaths_of([acts], kind, backend, [edges], gram_block, [layout], single=True)[0][0]
 
 
 def correlation_deaths_many(
@@ -240,23 +221,26 @@ def correlation_deaths_many(
     kind: str = "abs",
     backend: str = "auto",
     edges: list[torch.Tensor | None] | None = None,
+    layouts: list[str] | None = None,
 ) -> list[Deaths]:
-    """:func:`correlation_deaths` of many point clouds (one per layer) with one kernel call.
+    """:func:`correlation_deaths` of many point clouds (one per layer) in one op and one kernel call.
 
     Each result equals ``correlation_deaths(acts[l], kind, backend, edges[l])``
     in edges, deaths and gradient. What is shared: the MST kernel runs once for
-    all trees (numba: one parallel call over the layers, ``prange`` with torch's
-    thread count; accelerators: one batched Boruvka), and on accelerators the
-    correlation products of layers with the same (B, n) share one ``bmm``.
+    all trees (numba: one compiled loop over the trees in the calling thread;
+    accelerators: one batched Boruvka), and on accelerators the correlation
+    products of clouds with the same shape share one ``bmm``.
 
     Parameters
     ----------
-    acts : list of Tensor, shapes (B_l, n_l)
+    acts : list of Tensor, shapes (B_l, n_l) (or channel maps, see ``layouts``)
         Activations of each cloud, all on one device; sample counts may differ.
     kind, backend
         As in :func:`correlation_deaths`.
     edges : list of (LongTensor (n_l - 1, 2) or None), optional
         Trees to reuse per cloud (``None`` entries are found).
+    layouts : list of {"rows", "channel"}, optional
+        Per cloud, as ``layout`` in :func:`correlation_deaths`; default all ``"rows"``.
 
     Returns
     -------
@@ -275,19 +259,55 @@ def correlation_deaths_many(
         raise ValueError("acts must be a non-empty list of (batch, neurons) tensors, one per point cloud")
     if edges is not None and len(edges) != len(acts):
         raise ValueError(f"edges must have one entry (or None) per cloud: {len(acts)} clouds, {len(edges)} entries")
-    zs = [normalize_activations(a)[0] for a in acts]
-    devices = {z.device for z in zs}
+    if layouts is not None and len(layouts) != len(acts):
+        raise ValueError(f"layouts must have one entry per cloud: {len(acts)} clouds, {len(layouts)} entries")
+    given = list(edges) if edges is not None else [None] * len(acts)
+    out = _deaths_of(list(acts), kind, backend, given, None, layouts or ["rows"] * len(acts), single=False)
+    return [d for d, _ in out]
+
+
+def _deaths_of(acts, kind, backend, edges, block, layouts, single=False) -> list[tuple[Deaths, torch.Tensor]]:
+    """Check the inputs, run the fused op once for all clouds, turn correlations into deaths.
+
+    Package-internal (the pipeline's entry): per cloud its Deaths and its dead flags (n,).
+    """
+    if kind not in DISSIMILARITIES:
+        raise ValueError(f"unknown dissimilarity kind {kind!r}; choose one of {DISSIMILARITIES}")
+    for l, (a, lay) in enumerate(zip(acts, layouts)):
+        _check_cloud(a, lay, "acts" if single else f"acts[{l}]")
+    devices = {a.device for a in acts}
     if len(devices) > 1:
         raise ValueError(f"all activations must be on one device, got {sorted(map(str, devices))}")
-    given = edges if edges is not None else [None] * len(zs)
-    find = [l for l, z in enumerate(zs) if z.shape[1] > 1 and given[l] is None]
-    found = dict(zip(find, mst_edges_many(correlation_products([zs[l] for l in find]), True, backend)))
-    out = []
-    for l, z in enumerate(zs):
-        n = z.shape[1]
-        if n <= 1:
-            out.append(_empty(z))
-            continue
-        e = found[l] if l in found else _given_edges(given[l], n, z.device, what=f"edges[{l}]")
-        out.append(_tree_deaths(z, e, kind))
-    return out
+    device = acts[0].device
+    resolve_backend(backend, device)  # an unknown or unusable backend fails here, clearly
+    for l, e in enumerate(edges):
+        if e is not None:
+            n = _fused.layout_shape(acts[l], layouts[l])[1]
+            edges[l] = _given_edges(e, n, device, what="edges" if single else f"edges[{l}]")
+    if block is not None and block < 1:
+        raise ValueError(f"block must be a positive width, got {block}")
+    corrs, trees, _, _, dead = torch.ops.topodecorr.tree_correlations(
+        acts, [lay == "channel" for lay in layouts], edges, backend, block or 0
+    )
+    return [(Deaths(dissimilarity(c, kind), e), dd) for c, e, dd in zip(corrs, trees, dead)]
+
+
+def _check_cloud(a: torch.Tensor, layout: str, name: str) -> None:
+    if layout not in _fused.LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r} for {name}; choose one of {_fused.LAYOUTS}")
+    if layout == "rows" or not isinstance(a, torch.Tensor) or a.dim() <= 2:
+        _check_acts(a, name)
+        return
+    if not a.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {a.dtype}")
+    samples = a.numel() // a.shape[1] if a.shape[1] else 0
+    if samples < 2:
+        raise ValueError(
+            f"{name} of shape {tuple(a.shape)} has {samples} samples per channel: a correlation needs at least 2"
+        )
+
+
+def _given_edges(edges: torch.Tensor, n: int, device: torch.device, what: str = "edges") -> torch.Tensor:
+    if edges.shape != (n - 1, 2):
+        raise ValueError(f"{what} must have shape ({n - 1}, 2) for {n} neurons, got {tuple(edges.shape)}")
+    return edges.to(device)

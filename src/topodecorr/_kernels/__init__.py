@@ -69,6 +69,12 @@ def _run_numba(M: torch.Tensor, abs_corr: bool) -> torch.Tensor:
 # numba's default thread pool ("workqueue") must not be entered from two Python threads at once
 _parallel_lock = threading.Lock()
 
+#: Spread the trees of many clouds over numba's own threads (``prange``, as many as torch
+#: uses). Off by default: that is a second thread pool working while torch's OpenMP team
+#: spins, which slowed whole training steps down (issue 18); the serial compiled loop runs
+#: in the calling thread. ``benchmarks/architectures.py --parallel-trees`` measures both.
+PARALLEL_TREES = False
+
 
 def _run_numba_many(mats: list[torch.Tensor], abs_corr: bool) -> list[torch.Tensor]:
     import numba
@@ -80,9 +86,9 @@ def _run_numba_many(mats: list[torch.Tensor], abs_corr: bool) -> list[torch.Tens
     for l, a in enumerate(arrays):
         groups.setdefault(a.dtype, []).append(l)
     out: list = [None] * len(arrays)
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)) if PARALLEL_TREES else 1
     with _parallel_lock:
-        if threads > 1:  # as many threads as torch uses (torch.set_num_threads is the one knob)
+        if threads > 1:
             numba.set_num_threads(threads)
         with numba.parallel_chunksize(1):  # hand out one tree at a time, largest first
             for idx in groups.values():

@@ -1,0 +1,317 @@
+"""One op from activations to the correlations of the MST edges, with a closed-form backward.
+
+``topodecorr::tree_correlations`` takes the activations of several point clouds
+and returns, per cloud, the correlations ``c_e = z_i . z_j`` of the edges of
+the maximum-|corr| spanning tree (the minimum spanning tree of ``1 - |corr|``),
+sorted by ``|c|`` descending (deaths ascending). The deaths are any decreasing
+function of ``|c|`` (:func:`topodecorr.dissimilarity`), applied outside.
+
+Forward, per cloud of ``R`` samples and ``n`` neurons (about six passes over the
+activations, all counted in ``benchmarks/architectures.py``'s phase table):
+
+1. ``Zt``, the neuron-major (n, R) buffer, is written once from the activations
+   (a transposing copy; in channel layout (B, C, *spatial) straight from the
+   map, so no (B * H * W, C) copy is made), then shifted in place by each
+   neuron's first sample: ``x - x_0`` is exact in floating point for a large
+   offset, so the centring below loses nothing (1e6 + N(0, 1) in float32 stays
+   within 1e-4 of float64);
+2. the moments: ``sum`` and ``sum of squares`` of each row accumulated in
+   float64 (subnormal or huge activations neither underflow nor overflow;
+   correlation is scale-free, so a column holding one 1e-40 gives the deaths
+   it gives at scale 1), read once each. Constant neurons (dead), finiteness
+   and ``inv = 1 / ||x - mean||`` come from them;
+3. ``Zt = (Zt - mean) * inv`` in place (in float64 arithmetic where ``inv``
+   would leave float32's range);
+4. the product ``P = Zt Zt^T`` (:func:`topodecorr.correlation.gram_rows`), the
+   tree (:func:`topodecorr._kernels.mst_edges_many`, one call for all clouds)
+   and the correlations of its edges read off ``P`` (no second gather).
+
+Backward: for ``g = dL/dc`` the gradient of the activations is
+``dX^T = diag(inv) (S - diag(s)) Zt``, where ``S`` is the symmetric sparse
+(n, n) matrix holding ``g_e`` at both ends of every edge and
+``s_k = sum_{e at k} g_e c_e`` (that is ``z_k . (S Zt)_k``; the usual
+``- mean(G)`` term vanishes because every row of ``Zt`` has mean 0). One sparse
+product: O(n R), nothing O(n^2). With ``create_graph`` the backward runs the
+same formula in differentiable ops (double backward is exact).
+
+Non-finite activations: on the CPU the op raises
+:class:`topodecorr.correlation.NonFiniteActivationsError` (found from the
+moments, no extra pass). On an accelerator it does not synchronise with the
+host: the correlations come out NaN, so the penalty is NaN (which
+:class:`topodecorr.Decorrelation` reports as a clear error).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from ._kernels import mst_edges, mst_edges_many
+from .correlation import _SAFE_NORM, NonFiniteActivationsError, constant_rows, gram_rows
+
+LAYOUTS = ("rows", "channel")
+
+def stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 activations, float32 for every other floating dtype."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def layout_shape(x: torch.Tensor, layout: str) -> tuple[int, int]:
+    """(samples R, neurons n) of ``x`` read in ``layout``."""
+    if layout == "channel" and x.dim() > 2:
+        return x.numel() // x.shape[1], x.shape[1]
+    return x.shape[0], x.shape[1]
+
+
+def _neuron_major(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """A new (n, R) buffer holding the activations neuron by neuron, in the statistics dtype."""
+    R, n = layout_shape(x, layout)
+    zt = torch.empty((n, R), dtype=stat_dtype(x), device=x.device)
+    if layout == "channel" and x.dim() > 2:
+        B = x.shape[0]
+        zt.view(n, B, R // B).copy_(x.reshape(B, n, R // B).transpose(0, 1))
+    else:
+        zt.copy_(x.T)  # torch's blocked transpose: one read, one write
+    return zt
+
+
+def normalise(x: torch.Tensor, layout: str = "rows"):
+    """``(zt, inv, dead, finite)``: neuron-major normalised activations and their factors (no autograd).
+
+    ``zt`` (n, R) in the statistics dtype; ``inv`` (n,) ``1 / ||x - mean||`` (0 for dead
+    neurons); ``dead`` (n,) bool; ``finite`` a 0-dim bool (all activations finite).
+    """
+    zt = _neuron_major(x.detach(), layout)
+    R = zt.shape[1]
+    cpu = zt.device.type == "cpu"
+    # accelerators accumulate in float64 (cast on load, no copy; no fix-up that would
+    # synchronise); the CPU accumulates in the data's dtype and fixes the rare rows after
+    acc = zt.dtype if cpu else torch.float64
+    x0 = zt[:, :1].clone()
+    zt.sub_(x0)  # exact for a large common offset: the mean below is then accurate
+    s1 = zt.sum(dim=1, keepdim=True, dtype=acc)
+    finite = torch.isfinite(s1).all()  # NaN and inf propagate into the sums
+    if cpu and not bool(finite) and bool(torch.isfinite(zt).all()):  # finite, but the sum overflowed
+        s1, finite = zt.sum(dim=1, keepdim=True, dtype=torch.float64), torch.ones((), dtype=torch.bool)
+    if cpu and not bool(finite):
+        raise NonFiniteActivationsError(
+            "activations contain NaN or inf; the network diverged or its inputs are not finite "
+            "(check the learning rate and the data) before computing correlations"
+        )
+    mean = s1 / R
+    zt.sub_(mean.to(zt.dtype) if cpu else mean)
+    norm = torch.linalg.vector_norm(zt, dim=1, keepdim=True, dtype=acc)
+    done = None
+    if cpu:
+        norm, done = _rescue(zt, norm, s1)
+    level = (x0.to(norm.dtype) + mean).abs()
+    dead = constant_rows(norm, level, R, zt.dtype)
+    inv = torch.where(dead, 0.0, 1.0 / torch.where(dead, 1.0, norm))
+    factor = torch.where(dead, 0.0, inv if done is None else torch.where(done, 1.0, inv))
+    zt.mul_(factor)  # float64 arithmetic on accelerators
+    return zt, inv.reshape(-1).to(zt.dtype), dead.reshape(-1), finite
+
+
+def _rescue(zt: torch.Tensor, norm: torch.Tensor, s1: torch.Tensor):
+    """Rows whose norm under- or overflowed the data's dtype: scaled by a power of two, in float64.
+
+    Correlation is scale-free, so a row of subnormal activations (a single 1e-40 in
+    float32) is normalised as it would be at scale 1. Returns the norms (float64
+    where rescued) and a mask of the rows normalised here already (None: none).
+    """
+    lo, hi = _SAFE_NORM
+    bad = ((norm < lo) & ((norm > 0) | (s1 != 0))) | ~(norm <= hi)
+    if not bool(bad.any()):
+        return norm, None
+    idx = bad.reshape(-1).nonzero().reshape(-1)
+    rows = zt.index_select(0, idx).double()
+    _, e = torch.frexp(rows.abs().amax(dim=1, keepdim=True))
+    half = -(e // 2)  # two exact power-of-two steps: 2^-e alone can leave float64's range
+    one = torch.ones((), dtype=torch.float64)
+    rows = rows * torch.ldexp(one, half) * torch.ldexp(one, -e - half)
+    rnorm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    zt.index_copy_(0, idx, (rows / rnorm).to(zt.dtype))
+    true = (rnorm * torch.ldexp(one, -half) * torch.ldexp(one, e + half)).reshape(-1)
+    norm = norm.double().index_copy(0, idx, true[:, None])
+    return norm, bad
+
+
+def _edge_corr(P: torch.Tensor, edges: torch.Tensor):
+    """Correlations of the tree edges read off ``P`` (symmetrised, clipped), sorted by |c| descending."""
+    n = P.shape[0]
+    lo = torch.minimum(edges[:, 0], edges[:, 1])
+    hi = torch.maximum(edges[:, 0], edges[:, 1])
+    flat = P.reshape(-1)
+    c = 0.5 * (flat[lo * n + hi] + flat[hi * n + lo])
+    return _sort_by_abs(c.clamp(-1.0, 1.0), lo, hi)
+
+
+def _sort_by_abs(c, lo, hi):
+    # deaths 1 - |c| ascending, stable: the order the gather of the deaths gave
+    order = torch.sort(1.0 - c.abs(), stable=True).indices
+    return c[order], torch.stack([lo, hi], dim=1)[order]
+
+
+def _pair_corr(zt: torch.Tensor, edges: torch.Tensor):
+    """Correlations of given edges (a tree reused from an earlier step), by row dot products."""
+    lo = torch.minimum(edges[:, 0], edges[:, 1])
+    hi = torch.maximum(edges[:, 0], edges[:, 1])
+    c = torch.linalg.vecdot(zt.index_select(0, lo), zt.index_select(0, hi), dim=1)
+    return _sort_by_abs(c.clamp(-1.0, 1.0), lo, hi)
+
+
+def _forward(xs, layouts, edges, backend, block):
+    """The op's body: see the module docstring."""
+    normed = [normalise(x, lay) for x, lay in zip(xs, layouts)]
+    device = xs[0].device
+    find = [k for k, (zt, *_ ) in enumerate(normed) if zt.shape[0] > 1 and edges[k] is None]
+    prods = gram_rows([normed[k][0] for k in find], block)
+    if device.type != "cpu":  # non-finite input must not derail the kernel; its result is poisoned below
+        prods = [P.nan_to_num_(0.0, 0.0, 0.0) for P in prods]
+    if len(prods) == 1:  # one tree: the single-matrix kernel
+        found = [mst_edges(prods[0], abs_corr=True, backend=backend)]
+    else:
+        found = mst_edges_many(prods, abs_corr=True, backend=backend)
+    trees = dict(zip(find, zip(prods, found)))
+    corrs, out_edges = [], []
+    for k, (zt, inv, dead, finite) in enumerate(normed):
+        n = zt.shape[0]
+        if n <= 1:
+            c, e = zt.new_zeros((0,)), torch.zeros((0, 2), dtype=torch.long, device=device)
+        elif k in trees:
+            c, e = _edge_corr(*trees[k])
+        else:
+            c, e = _pair_corr(zt, edges[k].to(device))
+        if device.type != "cpu":
+            c = c + torch.where(finite, 0.0, float("nan")).to(c.dtype)
+        corrs.append(c)
+        out_edges.append(e)
+    return corrs, out_edges, [t[0] for t in normed], [t[1] for t in normed], [t[2] for t in normed]
+
+
+@torch.library.custom_op("topodecorr::tree_correlations", mutates_args=())
+def tree_correlations(
+    xs: list[torch.Tensor],
+    channel: list[bool],
+    edges: list[Optional[torch.Tensor]],
+    backend: str,
+    block: int,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Per cloud: (edge correlations, edges, normalised Zt, 1 / norm, dead flags); see the module docstring.
+
+    ``channel[l]``: cloud ``l`` is a (B, C, *spatial) map read in channel layout.
+    ``block``: width for the blocked torch product, 0 for the default (``gram_rows``).
+    """
+    return _forward(xs, _layouts(channel), edges, backend, block or None)
+
+
+def _layouts(channel: list[bool]) -> list[str]:
+    return ["channel" if c else "rows" for c in channel]
+
+
+@tree_correlations.register_fake
+def _(xs, channel, edges, backend, block):
+    corrs, trees, zts, invs, deads = [], [], [], [], []
+    for x, lay in zip(xs, _layouts(channel)):
+        R, n = layout_shape(x, lay)
+        dt = stat_dtype(x)
+        corrs.append(x.new_empty((max(n - 1, 0),), dtype=dt))
+        trees.append(x.new_empty((max(n - 1, 0), 2), dtype=torch.long))
+        zts.append(x.new_empty((n, R), dtype=dt))
+        invs.append(x.new_empty((n,), dtype=dt))
+        deads.append(x.new_empty((n,), dtype=torch.bool))
+    return corrs, trees, zts, invs, deads
+
+
+def _setup(ctx, inputs, output):
+    xs, layouts = inputs[0], _layouts(inputs[1])
+    corrs, trees, zts, invs, _ = output
+    ctx.meta = [(x.shape, x.dtype, lay) for x, lay in zip(xs, layouts)]
+    ctx.save_for_backward(*corrs, *trees, *zts, *invs)
+    ctx.clouds = len(xs)
+    ctx.set_materialize_grads(False)  # unused outputs (Zt, 1 / norm) then give None, not zero tensors
+
+
+def _backward(ctx, g_corrs, g_trees, g_zts, g_invs, g_deads):
+    L = ctx.clouds
+    saved = ctx.saved_tensors
+    corrs, trees, zts, invs = (saved[k * L : (k + 1) * L] for k in range(4))
+    grads = []
+    for k in range(L):
+        shape, dtype, layout = ctx.meta[k]
+        gc, gz, gi = g_corrs[k], g_zts[k], g_invs[k]
+        if torch.is_grad_enabled() or gz is not None or gi is not None:
+            dxt = _vjp_general(corrs[k], trees[k], zts[k], invs[k], gc, gz, gi)
+        else:
+            dxt = _vjp_sparse(corrs[k], trees[k], zts[k], invs[k], gc)
+        if dxt is None:  # a cloud of one neuron, or no gradient reached it: zeros, as autograd would
+            grads.append(torch.zeros(shape, dtype=dtype, device=zts[k].device))
+        else:
+            grads.append(_to_layout(dxt, shape, layout).to(dtype))
+    return grads, None, None, None, None
+
+
+def _vjp_sparse(c, edges, zt, inv, gc):
+    """The closed-form gradient (n, R) of the edge correlations, or None (nothing to give)."""
+    if gc is None or zt.shape[0] <= 1:
+        return None
+    return tree_correlations_vjp(c, edges, zt, inv, gc.to(zt.dtype))
+
+
+@torch.library.custom_op("topodecorr::tree_correlations_vjp", mutates_args=())
+def tree_correlations_vjp(
+    c: torch.Tensor, edges: torch.Tensor, zt: torch.Tensor, inv: torch.Tensor, gc: torch.Tensor
+) -> torch.Tensor:
+    """``diag(inv) (S - diag(s)) Zt`` as one sparse (CSR) product; see the module docstring.
+
+    An op of its own so that tracing the backward (``torch.compile``) sees one opaque call.
+    """
+    n = zt.shape[0]
+    lo, hi = edges[:, 0], edges[:, 1]
+    s = torch.zeros(n, dtype=zt.dtype, device=zt.device)
+    gcc = gc * c
+    s.index_add_(0, lo, gcc).index_add_(0, hi, gcc)
+    ar = torch.arange(n, device=zt.device)
+    rows = torch.cat([lo, hi, ar])
+    cols = torch.cat([hi, lo, ar])
+    vals = torch.cat([inv[lo] * gc, inv[hi] * gc, -inv * s])
+    order = torch.argsort(rows * n + cols)
+    # row pointers by a search of the sorted rows (bincount would synchronise on accelerators)
+    crow = torch.searchsorted(rows[order], torch.arange(n + 1, device=zt.device))
+    with warnings.catch_warnings():  # torch says once that CSR support is "beta"
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        M = torch.sparse_csr_tensor(crow, cols[order], vals[order], (n, n), check_invariants=False)
+    return torch.sparse.mm(M, zt)
+
+
+@tree_correlations_vjp.register_fake
+def _(c, edges, zt, inv, gc):
+    return torch.empty_like(zt)
+
+
+def _vjp_general(c, edges, zt, inv, gc, gz, gi):
+    """The same gradient in differentiable dense ops, also through the outputs Zt and 1 / norm."""
+    n = zt.shape[0]
+    G = torch.zeros_like(zt) if gz is None else gz.to(zt.dtype)
+    if gc is not None and n > 1:
+        gc = gc.to(zt.dtype)[:, None]
+        lo, hi = edges[:, 0], edges[:, 1]
+        G = G.index_add(0, lo, gc * zt.index_select(0, hi)).index_add(0, hi, gc * zt.index_select(0, lo))
+    s = (zt * G).sum(dim=1, keepdim=True)
+    dxt = (G - zt * s - G.mean(dim=1, keepdim=True)) * inv[:, None]
+    if gi is not None:
+        dxt = dxt - (gi.to(zt.dtype) * inv * inv)[:, None] * zt
+    return dxt
+
+
+def _to_layout(dxt: torch.Tensor, shape: torch.Size, layout: str) -> torch.Tensor:
+    """The (n, R) gradient as a view in the activations' own layout (no copy)."""
+    if layout == "channel" and len(shape) > 2:
+        B, n = shape[0], shape[1]
+        return dxt.view(n, B, -1).transpose(0, 1).reshape(shape)
+    return dxt.T
+
+
+tree_correlations.register_autograd(_backward, setup_context=_setup)
