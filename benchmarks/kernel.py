@@ -5,6 +5,7 @@ Run on demand (not part of the test suite)::
     .venv/bin/python benchmarks/kernel.py                 # n = 256 ... 4096, 7 repeats
     .venv/bin/python benchmarks/kernel.py --quick         # n = 256, 1024; 3 repeats; no slow references
     .venv/bin/python benchmarks/kernel.py --sizes 1024 4096 --repeats 5
+    .venv/bin/python benchmarks/kernel.py --counts        # launch proxy: ops and syncs per tree
 
 What is timed, per number of neurons n (float32, B = 256 samples):
 
@@ -28,6 +29,14 @@ What is timed, per number of neurons n (float32, B = 256 samples):
   the bare product ``Z^T Z``; the upper-triangle block product used by the
   fused path is timed for several block widths.
 * On CUDA (if available): the Boruvka backend on the GPU, up to n = 16384.
+* ``--counts``: the launch proxy of the accelerator path (issue 20), on CPU
+  tensors: non-view aten operations and host synchronisations per call of the
+  Boruvka kernel (n = 1024, 4096, 16384), of the 17-layer many-trees call, and
+  of the whole correlation -> deaths pipeline, counted by the torch profiler
+  (:mod:`topodecorr._kernels.launches`), against the previous kernel; plus the
+  CPU time of both kernels side by side. Counts depend on the shapes only.
+  Results: ``benchmarks/out/kernel_counts.{json,csv,md}``; exit status 1 if
+  the kernel misses its target (600 ops, 0 syncs per tree and per batch).
 
 Fast candidates are timed interleaved (round-robin) so that the machine's
 background load hits them alike; ratios are taken within one run. Results:
@@ -53,7 +62,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import Timer, machine_info, markdown_table, time_interleaved, write_results  # noqa: E402
 
 import topodecorr as td  # noqa: E402
-from topodecorr._kernels import matrix_stats, mst_edges  # noqa: E402
+from topodecorr._kernels import matrix_stats, mst_edges, mst_edges_many  # noqa: E402
+from topodecorr._kernels.boruvka import boruvka_edges  # noqa: E402
+from topodecorr._kernels.launches import count_ops  # noqa: E402
 from topodecorr.persistence import check_dissimilarity  # noqa: E402
 from topodecorr.correlation import correlation_product  # noqa: E402
 
@@ -219,6 +230,71 @@ def _cpp_prim(build_dir: Path):
         return out
 
     return prim, " ".join([Path(cxx).name, *flags[:2]])
+
+
+# --------------------------------------------------------------------------- the previous Boruvka kernel
+
+
+def previous_boruvka(W: torch.Tensor) -> torch.Tensor:
+    """The Boruvka kernel before issue 20, kept for the side-by-side counts and timings.
+
+    ceil(log2 n) rounds; each masks a temporary copy in row chunks, reduces per component
+    in two stages, records edges through a cumulative sum, and flattens the hook forest
+    with rounds + 1 doubling steps.
+    """
+    import math
+
+    L, m = 1, W.shape[0]
+    device = W.device
+    half = W.detach()[None] * 0.5
+    W = half + half.transpose(1, 2)
+    del half
+    chunk_rows = max(1, min(m, (1 << 26) // max(L * m, 1)))
+    N = L * m
+    arange = torch.arange(N, device=device)
+    local = arange % m
+    base = arange - local
+    comp = arange.clone()
+    out = torch.zeros((N, 2), dtype=torch.long, device=device)
+    count = torch.zeros(L, dtype=torch.long, device=device)
+    big = torch.iinfo(torch.long).max
+    rounds = max(1, math.ceil(math.log2(m)))
+    inf = torch.tensor(float("inf"), dtype=W.dtype, device=device)
+    for _ in range(rounds):
+        c2 = comp.view(L, m)
+        vals = torch.empty((L, m), dtype=W.dtype, device=device)
+        jmin = torch.empty((L, m), dtype=torch.long, device=device)
+        for start in range(0, m, chunk_rows):
+            stop = min(start + chunk_rows, m)
+            v, j = torch.where(c2[:, start:stop, None] == c2[:, None, :], inf, W[:, start:stop]).min(dim=2)
+            vals[:, start:stop] = v
+            jmin[:, start:stop] = j
+        vals, jmin = vals.reshape(N), jmin.reshape(N)
+        cmin = torch.full((N,), float("inf"), dtype=W.dtype, device=device)
+        cmin = cmin.scatter_reduce(0, comp, vals, reduce="amin", include_self=True)
+        lo, hi = torch.minimum(local, jmin), torch.maximum(local, jmin)
+        eid = base * m + lo * m + hi
+        cand = torch.where((vals == cmin[comp]) & torch.isfinite(vals), eid, torch.full_like(eid, big))
+        ceid = torch.full((N,), big, dtype=torch.long, device=device)
+        ceid = ceid.scatter_reduce(0, comp, cand, reduce="amin", include_self=True)
+        active = (comp == arange) & (ceid != big)
+        safe_eid = torch.where(active, ceid, torch.zeros_like(ceid))
+        g0 = (safe_eid // (m * m)) * m
+        a, b = g0 + (safe_eid // m) % m, g0 + safe_eid % m
+        ca = comp[a]
+        target = torch.where(active, torch.where(ca == arange, comp[b], ca), arange)
+        mutual = active & (target[target] == arange) & (target != arange)
+        record = active & ~(mutual & (arange > target))
+        rec = record.long().view(L, m)
+        pos = (count[:, None] + torch.cumsum(rec, 1) - 1).reshape(N)
+        pos = base + torch.where(record, pos, torch.full_like(pos, m - 1))
+        out.index_put_((pos,), torch.stack([torch.minimum(a, b), torch.maximum(a, b)], 1) - g0[:, None])
+        count = count + rec.sum(1)
+        parent = torch.where(mutual & (arange < target), arange, target)
+        for _ in range(rounds + 1):
+            parent = parent[parent]
+        comp = parent[comp]
+    return out.view(L, m, 2)[0, : m - 1]
 
 
 # --------------------------------------------------------------------------- references
@@ -437,6 +513,108 @@ def bench_cuda(sizes: list[int], timer: Timer) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- launch proxy: operations and syncs
+
+
+COUNT_SIZES = [1024, 4096, 16384]
+OPS_TARGET = 600  # issue 20: at most 600 kernels and 0 host synchronisations per tree (and per batch)
+
+
+def _count_row(name: str, n, fn, trees: int, **tags) -> dict:
+    c = count_ops(fn, warmup=isinstance(n, str) or n <= 4096)  # counts depend on the shape only
+    row = {"name": name, "n": n, "trees": trees, **c.as_dict(), "group": "counts", **tags}
+    row["ops per tree"] = c.ops / trees
+    top = list(c.by_name.items())[:6]
+    row["most frequent"] = ", ".join(f"{k} {v}" for k, v in top)
+    print(f"  {name}, n = {n}: {c.ops} ops ({c.top} top-level), {c.syncs} syncs", flush=True)
+    return row
+
+
+def _meta_ok(fn) -> str:
+    """Run on meta tensors, where any read of data on the host raises."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return f"fails: {type(exc).__name__}"
+    return "ok"
+
+
+def bench_counts(sizes: list[int], previous_max_n: int) -> list[dict]:
+    """Non-view aten operations and host synchronisations per call (torch profiler, CPU tensors)."""
+    rows = []
+    for n in sizes:
+        W = torch.rand(n, n, generator=torch.Generator().manual_seed(n))
+        W = W + W.T
+        meta = _meta_ok(lambda: boruvka_edges(torch.empty(n, n, device="meta")))
+        rows.append(_count_row("boruvka_edges", n, lambda: boruvka_edges(W), 1, meta=meta))
+        rows.append(_count_row("mst_edges(abs_corr=True, backend='boruvka')", n,
+                               lambda: mst_edges(W, abs_corr=True, backend="boruvka"), 1))
+        if n <= previous_max_n:
+            rows.append(_count_row("previous boruvka kernel", n, lambda: previous_boruvka(W), 1))
+        acts = make_acts(n)
+        rows.append(_count_row("pipeline: correlation_deaths(backend='boruvka')", n,
+                               lambda: td.correlation_deaths(acts, backend="boruvka"), 1))
+        del W
+    mats = [torch.rand(k, k, generator=torch.Generator().manual_seed(k)) for k in MANY_LAYERS]
+    label = f"{len(MANY_LAYERS)} layers, {min(MANY_LAYERS)}-{max(MANY_LAYERS)}"
+    meta_mats = [torch.empty(k, k, device="meta") for k in MANY_LAYERS]
+    meta = _meta_ok(lambda: mst_edges_many(meta_mats, backend="boruvka"))
+    rows.append(_count_row("many: mst_edges_many(backend='boruvka')", label,
+                           lambda: mst_edges_many(mats, backend="boruvka"), len(mats), meta=meta))
+    acts = [make_acts(k, seed=i) for i, k in enumerate(MANY_LAYERS)]
+    rows.append(_count_row("many: pipeline correlation_deaths_many(backend='boruvka')", label,
+                           lambda: td.correlation_deaths_many(acts, backend="boruvka"), len(acts)))
+    return rows
+
+
+def bench_previous_boruvka(sizes: list[int], timer: Timer) -> list[dict]:
+    """CPU wall time of the current and the previous Boruvka kernel, interleaved in one run."""
+    rows = []
+    for n in sizes:
+        D = torch.rand(n, n, generator=torch.Generator().manual_seed(n))
+        D = D + D.T
+        if _edge_set(boruvka_edges(D)) != _edge_set(previous_boruvka(D)):
+            raise AssertionError("the current and the previous Boruvka kernel disagree")
+        fns = {
+            "boruvka_edges (CPU)": lambda: boruvka_edges(D),
+            "previous boruvka kernel (CPU)": lambda: previous_boruvka(D),
+        }
+        res = time_interleaved(fns, repeats=timer.repeats, warmup=timer.warmup)
+        rows += [timer.row(k, v, n=n, group="boruvka cpu") for k, v in res.items()]
+    return rows
+
+
+def _edge_set(e: torch.Tensor) -> set:
+    return {tuple(sorted(p)) for p in e.tolist()}
+
+
+def counts_markdown(rows: list[dict]) -> str:
+    g = [r for r in rows if r["group"] == "counts"]
+    cols = ["name", "n", "trees", "ops", "ops per tree", "top", "syncs", "meta", "most frequent"]
+    md = [
+        "## Launch proxy: operations and host synchronisations per call (CPU tensors)",
+        "",
+        "`ops`: non-view aten operations at every nesting level (allocations and copies included: an upper "
+        "bound on the kernel launches on an accelerator); `top`: those issued at top level; `syncs`: host "
+        "reads of data (`.item()`, `nonzero`, ...); `meta`: the call on meta tensors (any other host read "
+        f"raises there). Target (issue 20): at most {OPS_TARGET} ops and 0 syncs per tree and per batch. "
+        "Counts depend on the shapes only, not on the data or the machine's load.",
+        "",
+        markdown_table(g, cols, floatfmt="{:.0f}"),
+        "",
+    ]
+    t = [r for r in rows if r["group"] == "boruvka cpu"]
+    if t:
+        ratios = []
+        for n in sorted({r["n"] for r in t}):
+            new = _get(t, "boruvka_edges (CPU)", n)
+            old = _get(t, "previous boruvka kernel (CPU)", n)
+            ratios.append({"n": n, "current ms": new, "previous ms": old, "previous / current": old / new})
+        md += ["## Boruvka on CPU tensors: current vs previous kernel (interleaved, same run)", "",
+               markdown_table(ratios, ["n", "current ms", "previous ms", "previous / current"]), ""]
+    return "\n".join(md)
+
+
 # --------------------------------------------------------------------------- summary
 
 
@@ -507,6 +685,32 @@ def summarise(rows: list[dict], sizes: list[int], threads: list[int]) -> tuple[l
     return ratios, "\n".join(md)
 
 
+def main_counts(args) -> int:
+    timer = Timer(repeats=args.repeats, warmup=1)
+    torch.set_num_threads(1)
+    print("launch proxy ...", flush=True)
+    rows = bench_counts(args.count_sizes, args.previous_max_n)
+    rows += bench_previous_boruvka([n for n in args.count_sizes if n <= 4096], timer)
+    info = machine_info()
+    head = [
+        "# Boruvka launch proxy (generated by benchmarks/kernel.py --counts)",
+        "",
+        f"{info['date_utc']}; torch {info['torch_version']}, 1 thread, load average {info.get('load_average')}; "
+        f"CPU tensors; timings: medians of {args.repeats}, interleaved.",
+        "",
+    ]
+    md = "\n".join(head) + counts_markdown(rows)
+    failing = [r for r in rows if r["group"] == "counts" and "pipeline" not in r["name"] and "previous" not in r["name"]
+               and (r["ops"] / r["trees"] > OPS_TARGET or r["syncs"] or r.get("meta", "ok") != "ok")]
+    settings = {"count_sizes": args.count_sizes, "ops_target": OPS_TARGET, "repeats": args.repeats}
+    paths = write_results(args.name or "kernel_counts", rows, settings=settings, markdown=md)
+    print(md)
+    print("written:", ", ".join(str(p) for p in paths.values()))
+    if failing:
+        print("over target:", ", ".join(f"{r['name']} n={r['n']}" for r in failing))
+    return 1 if failing else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="default 256 ... 4096 (--quick: 256, 1024)")
@@ -523,8 +727,19 @@ def main(argv=None) -> int:
         default=[1, 2],
         help="torch thread counts for the pipeline; kernels and references always run with 1",
     )
-    p.add_argument("--name", default="kernel", help="results file stem under benchmarks/out/")
+    p.add_argument("--name", default=None, help="results file stem under benchmarks/out/ (kernel, kernel_counts)")
+    p.add_argument(
+        "--counts",
+        action="store_true",
+        help="only the launch proxy: ops and syncs per tree (--count-sizes) and per batch, and the CPU time of "
+        "the current vs the previous Boruvka kernel (n <= 4096)",
+    )
+    p.add_argument("--count-sizes", type=int, nargs="+", default=COUNT_SIZES)
+    p.add_argument("--previous-max-n", type=int, default=16384, help="largest n for the previous kernel's counts")
     args = p.parse_args(argv)
+    if args.counts:
+        return main_counts(args)
+    args.name = args.name or "kernel"
     if args.sizes is None:
         args.sizes = [256, 1024] if args.quick else [256, 512, 1024, 2048, 4096]
     if args.quick:

@@ -305,6 +305,80 @@ def test_boruvka_power_of_two_and_odd_sizes():
         assert S.edge_set(e.numpy()) == _kruskal_ordered(D), n
 
 
+
+def _levels(n: int) -> np.ndarray:
+    """w(i, j) = bit length of i ^ j: every Boruvka round merges exactly pairs of blocks (log2 n rounds needed)."""
+    i = np.arange(n)
+    x = i[:, None] ^ i[None, :]
+    return np.where(x > 0, np.floor(np.log2(np.maximum(x, 1))) + 1, 0.0)
+
+
+def _falling_path(n: int) -> np.ndarray:
+    """A path 0 - 1 - ... - n-1 with falling weights, all other edges heavy: one hook chain of length n - 1."""
+    W = np.full((n, n), 10.0)
+    for i in range(n - 1):
+        W[i, i + 1] = W[i + 1, i] = 1.0 - i / n
+    np.fill_diagonal(W, 0.0)
+    return W
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 8, 9, 31, 32, 33, 64, 100])
+def test_boruvka_worst_case_rounds_and_hook_chains(n):
+    """Round count and pointer-jumping depth are fixed by n alone: check them where they are tight.
+
+    ``_levels`` needs every one of the floor(log2 n) rounds (components exactly halve, heavy ties);
+    ``_falling_path`` makes one hook chain through all n vertices in the first round.
+    """
+    from topodecorr._kernels.boruvka import boruvka_rounds
+
+    assert boruvka_rounds(n) == int(np.floor(np.log2(n)))
+    for W in (_levels(n), _falling_path(n), _falling_path(n)[::-1, ::-1].copy()):
+        e = boruvka_edges(torch.from_numpy(W))
+        assert S.edge_set(e.numpy()) == _kruskal_ordered(W), n
+
+
+def test_boruvka_batched_matches_single_kruskal_and_prim():
+    """Many graphs of different sizes in one padded call: each tree is the single call's, exactly.
+
+    Heavy ties included (quantised, duplicates, levels): the edges are Kruskal's under (weight, i, j),
+    the deaths equal the Prim kernel's exactly and SciPy's up to its offset's rounding.
+    """
+    from topodecorr._kernels import numba_prim
+    from topodecorr._kernels.boruvka import boruvka_edges_batched
+
+    mats = [S.make_matrix(f, n, seed=n) for f, n in [("quantised", 17), ("duplicates", 40), ("random", 2),
+                                                       ("lowrank", 33), ("quantised", 1), ("duplicates", 9)]]
+    mats.append(_levels(24))
+    m = max(D.shape[0] for D in mats)
+    W = torch.full((len(mats), m, m), -7.0, dtype=torch.float64)  # padding: must never be read
+    for l, D in enumerate(mats):
+        W[l, : len(D), : len(D)] = torch.from_numpy(D)
+    out = boruvka_edges_batched(W, [len(D) for D in mats])
+    assert out.shape == (len(mats), m - 1, 2)
+    for l, D in enumerate(mats):
+        n = len(D)
+        e = out[l, : n - 1]
+        assert torch.equal(e, boruvka_edges(torch.from_numpy(D))), l  # same slots, same order
+        assert S.edge_set(e.numpy()) == _kruskal_ordered(D), l
+        en = e.numpy()
+        deaths = np.sort(D[en[:, 0], en[:, 1]])
+        prim = numba_prim.prim_min(D)
+        assert np.array_equal(deaths, np.sort(D[prim[:, 0], prim[:, 1]])), l
+        np.testing.assert_allclose(deaths, np.sort(S.scipy_deaths(D)), rtol=0, atol=1e-12)  # SciPy's offset of 1
+
+
+def test_boruvka_batches_beyond_the_key_range_in_slices(monkeypatch):
+    from topodecorr._kernels import boruvka
+
+    W = torch.from_numpy(np.stack([S.make_matrix("quantised", 20, seed=s) for s in range(5)]))
+    sizes = [20, 7, 20, 3, 12]
+    ref = boruvka.boruvka_edges_batched(W, sizes)
+    monkeypatch.setattr(boruvka, "_MAX_VERTICES", 50)  # 2 graphs of 20 per slice
+    got = boruvka.boruvka_edges_batched(W, sizes)
+    for l, n in enumerate(sizes):
+        assert torch.equal(got[l, : n - 1], ref[l, : n - 1])
+
+
 # --------------------------------------------------------------------------- device residency without a GPU
 
 
@@ -324,15 +398,21 @@ def test_accelerator_path_stays_on_device_without_host_reads():
     t1(res.deaths).backward()
     assert D.grad.device.type == "meta"
     assert K.mst_edges(D.detach(), abs_corr=True).device.type == "meta"
+    many = K.mst_edges_many([torch.rand(k, k, device="meta") for k in (5, 64, 30)], abs_corr=True)
+    assert [tuple(e.shape) for e in many] == [(4, 2), (63, 2), (29, 2)]
+    assert all(e.device.type == "meta" for e in many)
 
 
 def test_boruvka_makes_no_data_dependent_host_reads():
     """Under FakeTensorMode every data-dependent host read raises; Boruvka must make none."""
     fake = pytest.importorskip("torch._subclasses.fake_tensor")
+    from topodecorr._kernels.boruvka import boruvka_edges_batched
+
     with fake.FakeTensorMode():
         W = torch.rand(40, 40)
         e = boruvka_edges(W)
         assert e.shape == (39, 2)
+        assert boruvka_edges_batched(torch.rand(3, 40, 40), [40, 9, 1]).shape == (3, 39, 2)
         res = mst_deaths(W, backend="boruvka", validate=False)
         assert res.deaths.shape == (39,)
 
