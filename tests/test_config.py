@@ -312,14 +312,20 @@ def test_two_stages_run_into_one_database(tmp_path):
 
 def test_evidence_presets_bracket_and_converge():
     """The evidence sweeps: the paper's whole grid in two stages, its early stopping, a split per seed."""
-    for name in ("evidence-digits", "evidence-mnist1d", "evidence-fashion-mnist"):
+    for name in ("evidence-digits", "evidence-mnist1d", "evidence-fashion-mnist", "evidence-fashion-cnn"):
         cfg = load_preset(name, check_names=True)
-        assert cfg.weights == PAPER_WEIGHTS and cfg.split_per_seed and len(cfg.seeds) == 5
+        cnn = name.endswith("cnn")
+        assert cfg.split_per_seed and len(cfg.seeds) == (3 if cnn else 5)
+        assert cfg.weights == ((1e-6, 1e-4, 1e-2, 1.0, 100.0) if cnn else PAPER_WEIGHTS)  # both ends of the paper's
         assert cfg.stages is not None and cfg.stages.run == 1 and cfg.stages.neighbours >= 1
-        assert cfg.train.patience == 20 and cfg.train.max_epochs >= 400
+        assert cfg.train.patience == 20 and cfg.train.max_epochs >= (100 if cnn else 400)
         assert {"decov", "decov_layer", "act_l2", "t1", "t2"} <= set(cfg.penalties)
         stage2 = load_preset(name, ["stages.run=2"])
         assert stage2.to_dict() == cfg.to_dict()  # both stages write one database
+    cnn = load_preset("evidence-fashion-cnn")
+    assert cnn.train_for("cnn2d-channel").mode == "channel" and cnn.train_for("cnn2d-channel").max_samples == 4096
+    assert (cnn.train_for("cnn2d-importance").sampling, cnn.train_for("cnn2d-importance").fraction) == ("importance",
+                                                                                                         0.005)
 
 
 def test_per_network_training_overrides():
@@ -335,7 +341,7 @@ def test_per_network_training_overrides():
     assert cfg.train_for("cnn-importance") == TrainConfig(max_epochs=3, sampling="importance", fraction=0.01)
     nets = cfg.to_dict()["networks"]
     assert "train" not in nets[0] and nets[1]["train"] == {"mode": "channel"}
-    assert "mode" not in cfg.train.to_dict()  # the default stays out of the stored protocol
+    assert not {"mode", "max_samples"} & set(cfg.train.to_dict())  # defaults stay out of the stored protocol
     assert cfg.train_for("cnn-channel").to_dict()["mode"] == "channel"
     assert parse_sweep(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()  # stored -> parsed
     from topodecorr.experiments.sweep import run_specs
@@ -344,6 +350,9 @@ def test_per_network_training_overrides():
         "mlp": "flatten", "cnn-channel": "channel", "cnn-importance": "flatten"}
     with pytest.raises(ConfigError, match=r"networks\[0\].train: unknown key\(s\) \['epochs'\]"):
         parse_sweep({"dataset": "digits", "networks": [{"model": "mlp", "train": {"epochs": 3}}]})
+    assert TrainConfig(max_samples=4096).to_dict()["max_samples"] == 4096
+    with pytest.raises(ConfigError, match=r"train.max_samples: must be 0 \(every row\) or >= 2"):
+        TrainConfig(max_samples=1)
     with pytest.raises(ConfigError, match="train.mode: must be 'flatten' or 'channel'"):
         parse_sweep({"dataset": "digits", "networks": [{"model": "mlp", "train": {"mode": "pixel"}}]})
 
@@ -356,7 +365,8 @@ def test_channel_mode_trains_a_cnn_with_a_tree_per_layer(tmp_path):
 
     cfg = parse_sweep({
         "dataset": "digits", "penalties": ["t1"], "weights": [1e-3], "seeds": [0],
-        "networks": [{"label": "cnn", "model": "cnn2d", "params": {"dense": [12]}, "train": {"mode": "channel"}}],
+        "networks": [{"label": "cnn", "model": "cnn2d", "params": {"dense": [12]},
+                      "train": {"mode": "channel", "max_samples": 512}}],
         "train": {"max_epochs": 1, "probe_batch": 64},
     })
     run_sweep(cfg, tmp_path, workers=1, progress=False, log=lambda m: None)

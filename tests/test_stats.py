@@ -334,3 +334,13 @@ def test_mixed_model_agrees_with_statsmodels_and_recovers_the_effects():
     assert got.p < 1e-6 and "dataset:network:seed" in got.formula
     none_only = mixed_model(sel[sel["penalty"] == "a"])
     assert none_only.coefficients.empty and "not computed" in none_only.notes[0]
+
+
+def test_two_sweeps_of_one_data_set_are_one_unit():
+    """MLPs and CNNs of one data set in two sweeps (labels differ) count as one data set."""
+    from topodecorr.experiments.stats import dataset_comparison
+
+    sel = _nested({"none": 0.0, "a": 0.02, "b": -0.01}, datasets=4)
+    sel["data"] = sel["dataset"].replace({"d3": "d0"})  # "d3" is a second sweep of data set d0
+    comp = dataset_comparison(sel, penalties=["none", "a", "b"])
+    assert list(comp.table.index) == ["d0", "d1", "d2"] and list(comp.seeds) == [6, 3, 3]

@@ -109,6 +109,7 @@ _TRAIN_HELP = {
     "train_samples": "use a fixed random subset of N training samples (0: all; a budget knob, not the paper's)",
     "val_samples": "use a fixed random subset of N validation samples (0: all)",
     "mode": "conv layers as neurons: flatten (channel x position, one cloud) | channel (a tree per layer)",
+    "max_samples": "rows per point cloud the penalty correlates, drawn each step (0: every row)",
 }
 
 

@@ -159,6 +159,11 @@ class TrainConfig:
         importance sampling for CNNs) or ``"channel"`` (every channel a neuron, its
         positions samples, one point cloud and tree per layer). Dense layers are the
         same in both.
+    max_samples : int
+        Rows (samples) per point cloud the penalty correlates, drawn afresh at every
+        step (0, the default: every row). A convolutional layer in ``"channel"`` mode
+        has batch x positions rows (200,704 for a 28x28 map at batch 256); a few
+        thousand estimate its channels' correlations to about ``1 / sqrt(max_samples)``.
     """
 
     lr: float = 0.01  # paper: SGD learning rate 0.01
@@ -178,6 +183,7 @@ class TrainConfig:
     train_samples: int = 0  # ours: 0 = the whole training split (the paper); N = a fixed random subset
     val_samples: int = 0  # ours: 0 = the whole validation split (the paper); N = a fixed random subset
     mode: str = "flatten"  # paper: flattened maps; "channel": every channel a neuron, a tree per layer
+    max_samples: int = 0  # ours: 0 = every row of a cloud; N = N rows drawn per step
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -187,7 +193,8 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(key, f"must be a finite number, got {value!r}")
-        for key in ("decay_steps", "batch_size", "patience", "max_epochs", "probe_batch", "train_samples", "val_samples"):
+        for key in ("decay_steps", "batch_size", "patience", "max_epochs", "probe_batch", "train_samples", "val_samples",
+                    "max_samples"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise bad(key, f"must be an integer, got {value!r}")
@@ -218,6 +225,8 @@ class TrainConfig:
             raise bad("sampling", f"must be 'all' or 'importance', got {self.sampling!r}")
         if not 0 < self.fraction <= 1:
             raise bad("fraction", f"must lie in (0, 1], got {self.fraction}")
+        if self.max_samples < 0 or self.max_samples == 1:
+            raise bad("max_samples", f"must be 0 (every row) or >= 2 rows, got {self.max_samples}")
         if self.mode not in ("flatten", "channel"):
             raise bad("mode", f"must be 'flatten' or 'channel', got {self.mode!r}")
         if self.dissimilarity not in ("abs", "sqrt"):
@@ -248,8 +257,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["mode"] == "flatten":
-            del d["mode"]  # the default is left out, so that earlier sweeps' stored protocol still matches
+        # defaults of keys added later are left out, so that earlier sweeps' stored protocol still matches
+        for key, default in (("mode", "flatten"), ("max_samples", 0)):
+            if d[key] == default:
+                del d[key]
         return d
 
 

@@ -152,6 +152,8 @@ class SweepData:
             r["dataset"] = self.label
         self.selection = _selection(self.config, self.runs)
         self.selected = select_best(self.candidates())
+        # the data set itself, for the tests whose unit it is (labels differ when two sweeps share one)
+        self.selected["data"] = str(self.config.get("dataset", self.label))
         by_key = {(r["network"], r["seed"], r["penalty"], float(r["weight"])): r for r in self.runs}
         self._chosen = {
             (s.network, int(s.seed), s.penalty): by_key[(s.network, int(s.seed), s.penalty, float(s.weight))]

@@ -571,7 +571,8 @@ def dataset_comparison(selected: pd.DataFrame, alpha: float = 0.05, penalties: l
 
     Blocks (dataset, network) of one data set share their data, so they are not
     independent; this omnibus test counts each data set once (with 3 data sets it has
-    little power, and says so).
+    little power, and says so). The data set of a row is its ``data`` column where
+    present (sweeps of one data set under different labels), else ``dataset``.
     """
     found = set(selected["penalty"]) if not selected.empty else set()
     cols = sorted(found) if penalties is None else [p for p in penalties if p in found]
@@ -579,11 +580,18 @@ def dataset_comparison(selected: pd.DataFrame, alpha: float = 0.05, penalties: l
     if table.empty:
         return friedman_nemenyi(table, alpha=alpha, notes=notes)
     sel = selected.assign(block=_block_labels(selected))
-    of_block = dict(zip(sel["block"], sel["dataset"].astype(str)))
+    of_block = dict(zip(sel["block"], _data_sets(sel)))
     grouped = table.groupby(table.index.map(of_block), sort=False)
     per_dataset = grouped.mean()
     blocks = grouped.size()
     return friedman_nemenyi(per_dataset, alpha=alpha, seeds=blocks, notes=notes)
+
+
+def _data_sets(selected: pd.DataFrame) -> pd.Series:
+    """The data set of each row: the ``data`` column where present (two sweeps of one data set, e.g. MLPs and
+    CNNs, have distinct ``dataset`` labels but one data set), else ``dataset``."""
+    col = "data" if "data" in selected.columns else "dataset"
+    return selected[col].astype(str)
 
 
 @dataclass
@@ -615,8 +623,8 @@ class MixedModel:
 def _mixed_data(selected: pd.DataFrame, cols: list[str]) -> tuple[pd.DataFrame, str, dict[str, str], str]:
     """Model rows and the grouping: data sets as groups when there are several, else networks."""
     df = selected[selected["penalty"].isin(cols)].copy()
-    df["dataset"] = df["dataset"].astype(str)
-    df["network"] = df["dataset"] + "/" + df["network"].astype(str)
+    df["network"] = df["dataset"].astype(str) + "/" + df["network"].astype(str)
+    df["dataset"] = _data_sets(df)
     df["unit"] = df["network"] + "/" + df["seed"].astype(str)
     df["penalty"] = pd.Categorical(df["penalty"], categories=cols)
     if df["dataset"].nunique() >= 2:

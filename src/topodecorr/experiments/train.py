@@ -358,6 +358,7 @@ class _PenaltyTerm:
                 fraction=cfg.fraction,
                 # "channel": every channel a neuron and one tree per layer (layers differ in samples)
                 **({"mode": "channel", "pooled": False} if cfg.mode == "channel" else {}),
+                **({"max_samples": cfg.max_samples} if cfg.max_samples else {}),
                 seed=spec.seed,
                 on_nonfinite="raise",
                 distributed=penalty_mode,  # under DDP: penalty of the gathered global batch, or per rank
