@@ -45,7 +45,7 @@ with ddp.distributed(device="cpu", penalty_mode=sys.argv[4]) as ctx:
     rank = ctx.rank
 history = [{k: v for k, v in h.items() if k != "epoch_s"} for h in res["history"]]
 out = {k: res[k] for k in ("status", "error", "epochs", "best_epoch", "val_loss", "val_acc", "test_loss", "test_acc")}
-out.update(history=history, saves=saves)
+out.update(history=history, saves=saves, lingering=ddp.lingering_threads())
 with open(f"{sys.argv[3]}.{rank}", "w") as fh:
     json.dump(out, fh)
 """
@@ -102,6 +102,10 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batches(tmp_path
         assert ranks[0][key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
     # checkpoints come from rank 0 only, once per epoch
     assert ranks[0]["saves"] == [0, 1] and ranks[1]["saves"] == []
+    # the process group died inside the teardown: no gloo thread is left to race the peers' exit
+    # (before the fix the group, captured by torch.distributed.nn.functional's default arguments,
+    # kept 'gloo_tcp_loop' and two 'pt_gloo_runloop' threads alive into interpreter shutdown)
+    assert ranks[0]["lingering"] == ranks[1]["lingering"] == []
 
 
 @pytest.mark.slow
@@ -129,6 +133,7 @@ def test_torchrun_cli_trains_one_configuration(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "outlived its teardown" not in proc.stderr and "terminate called" not in proc.stderr
     assert proc.stdout.count('"status"') == 1  # rank 0 alone prints the result
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["status"] == "done" and out["world_size"] == 2
@@ -156,3 +161,20 @@ def test_setup_without_torchrun_and_bad_batch_size_are_clear_errors(monkeypatch)
     chunks = [list(ddp.DistContext(r, 3, r, torch.device("cpu"), "gloo").batches(perm, 6)) for r in range(3)]
     assert [sorted(sum((c[k].tolist() for c in chunks), [])) for k in range(2)] == [list(range(100, 106)),
                                                                                      list(range(106, 109))]
+
+
+def test_leave_ends_a_rank_whose_gloo_threads_outlived_teardown(monkeypatch, capsys):
+    exits = []
+    monkeypatch.setattr(ddp.os, "_exit", exits.append)
+    monkeypatch.setattr(ddp, "lingering_threads", lambda: [])
+    assert ddp.leave(1) == 1 and exits == []  # the normal case: back to the interpreter's own exit
+    monkeypatch.setattr(ddp, "lingering_threads", lambda: ["gloo_tcp_loop", "pt_gloo_runloop"])
+    ddp.leave(3)
+    assert exits == [3]
+    assert ("topodecorr: note: the process group's threads outlived its teardown (gloo_tcp_loop, pt_gloo_runloop); "
+            "leaving without interpreter shutdown") in capsys.readouterr().err
+
+
+def test_lingering_threads_names_this_process_gloo_threads_only():
+    # a process with no process group has none (the test process: pytest, torch's own pools)
+    assert ddp.lingering_threads() == []

@@ -266,7 +266,7 @@ def _cmd_train(args) -> int:
         finally:
             ddp.teardown(synchronize=finished)
         if not ctx.is_main:  # rank 0 alone prints and writes
-            return 0 if result["status"] == "done" else 1
+            return ddp.leave(0 if result["status"] == "done" else 1)
     else:
         result = train_run(spec, args.checkpoint, progress=not args.quiet)
     shown = {k: result.get(k) for k in ("status", "epochs", "best_epoch", "train_loss", "val_loss", "val_acc",
@@ -279,7 +279,8 @@ def _cmd_train(args) -> int:
         if result.get("deaths") is not None:
             payload["deaths"] = [float(x) for x in result["deaths"]]
         Path(args.output).write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    return 0 if result["status"] == "done" else 1
+    status = 0 if result["status"] == "done" else 1
+    return status if ctx is None else ddp.leave(status)
 
 
 def _cmd_report(args) -> int:

@@ -56,7 +56,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["DistContext", "LocalContext", "launched_by_torchrun", "setup", "teardown", "distributed", "PENALTY_MODES"]
+__all__ = ["DistContext", "LocalContext", "launched_by_torchrun", "setup", "teardown", "leave", "lingering_threads",
+           "distributed", "PENALTY_MODES"]
 
 #: How the decorrelation penalty treats the batch under DDP.
 PENALTY_MODES = ("global", "local")
@@ -327,25 +328,89 @@ def setup(
     if backend is None:
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
+        _import_collectives_before_init()
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistContext(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend,
                        penalty_mode=penalty_mode)
+
+
+def _import_collectives_before_init() -> None:
+    """Import ``torch.distributed.nn.functional`` while no process group exists.
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated when the
+    module is first imported. Imported after ``init_process_group`` (by DDP's constructor,
+    or by the differentiable all-gather of the penalty), that default is the live
+    process group itself: ``destroy_process_group`` then cannot free it, and its gloo
+    threads (``pt_gloo_runloop``, ``gloo_tcp_loop``) run on into interpreter shutdown,
+    where the group is torn down while the peers exit and close their sockets. That race
+    made a rank abort at exit now and then ("terminate called without an active
+    exception", SIGABRT). Imported first, the default is ``None`` (the default group,
+    looked up at each call) and the group dies inside :func:`teardown`.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+
+def lingering_threads() -> list[str]:
+    """Names of this process's native gloo threads (Linux; ``[]`` elsewhere).
+
+    After :func:`teardown` the list is empty unless something still holds the process group.
+    """
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as fh:
+                name = fh.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if name.startswith(("pt_gloo", "gloo")):
+            names.append(name)
+    return sorted(names)
 
 
 def teardown(synchronize: bool = False) -> None:
     """Leave the process group (a no-op when none is initialised).
 
     With ``synchronize`` (a normal exit) the ranks first meet at a barrier, so that no
-    rank closes its gloo connections while a peer still uses them: without it a rank
-    could abort at exit ("terminate called without an active exception"), seen on a
-    loaded 2-core machine. After an error there is no barrier (a dead peer would hang it).
+    rank closes its gloo connections while a peer still uses them. After an error there
+    is no barrier (a dead peer would hang it). Garbage (a DDP model or an autograd graph
+    in a reference cycle) is collected before the group is destroyed, so that nothing
+    holds the group afterwards and its threads end here, not at interpreter shutdown.
     """
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         if synchronize:
             dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
+
+
+def leave(status: int) -> int:
+    """Return ``status``, or end the process at once if gloo threads outlived :func:`teardown`.
+
+    A rank whose process group is still alive after its teardown (something captured it)
+    would destroy it during interpreter shutdown, racing its peers' exit; such a rank
+    flushes its output and leaves with ``os._exit(status)``, so no destructor runs.
+    """
+    threads = lingering_threads()
+    if not threads:
+        return status
+    import sys
+
+    print(f"topodecorr: note: the process group's threads outlived its teardown ({', '.join(threads)}); "
+          "leaving without interpreter shutdown", file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 @contextlib.contextmanager
