@@ -337,7 +337,7 @@ def _independent_headline(db: Path) -> tuple[int, int, int]:
 
     from topodecorr.experiments.config import selection_weights
 
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    con = sqlite3.connect(f"file:{db}?mode=ro&immutable=1", uri=True)  # leaves no -wal / -shm files
     con.row_factory = sqlite3.Row
     config = json.loads(con.execute("SELECT value FROM meta WHERE key='sweep'").fetchone()[0])
     runs = [dict(r) for r in con.execute("SELECT * FROM runs")]
