@@ -323,3 +323,31 @@ def test_readme_inspect_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
     assert report.samples == 2048 and report.pooled.neurons == 69
     assert str(report.pooled.pairs[0]) in capsys.readouterr().out
     assert (tmp_path / "inspect" / "inspect.md").is_file() and (tmp_path / "inspect" / "pairs.png").is_file()
+
+
+@pytest.mark.slow  # a figure
+def test_near_dead_pairs_at_plus_one_are_explained_and_deaths_figure_is_labelled():
+    model = _mlp(seed=5)
+    batches = _batches()
+    x = torch.cat(batches)
+    with torch.no_grad():  # units 2 and 4 fire on the one sample where input 0 is largest, and nowhere else
+        top = x[:, 0].max()
+        second = x[:, 0].topk(2).values[1]
+        for i, scale in ((2, 1.0), (4, 3.0)):
+            model[0].weight[i] = 0.0
+            model[0].weight[i, 0] = scale
+            model[0].bias[i] = -scale * float((top + second) / 2)
+    report = td.inspect(model, batches)
+    pair = report["1"].pairs[0]
+    assert {pair.a, pair.b} == {("1", 2), ("1", 4)} and pair.correlation == pytest.approx(1.0, abs=1e-9)
+    text = report.to_markdown()
+    assert "| 1 | 1[2] | 1[4] | +1.0000 |" in text or "| 1 | 1[4] | 1[2] | +1.0000 |" in text
+    assert ("A correlation of +1.0000 is not always a duplicated feature: two near-dead neurons that are zero on "
+            "every sample but one (the same one) also correlate at exactly +1.") in text
+    # without such a pair, no note
+    assert "not always a duplicated feature" not in td.inspect(_mlp(), _batches(n=2)).to_markdown()
+    fig = report.plot_deaths()
+    assert [ax.get_ylabel() for ax in fig.axes if ax.get_title()] == ["tree edges (of n - 1)"] * len(report.clouds)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

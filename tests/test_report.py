@@ -383,3 +383,29 @@ def test_committed_combined_headline_sums_its_sweeps(folder):
     names = re.findall(r"\[report\]\(\.\./([^/)]+)/report\.md\)", text)
     counts = [_independent_headline(RESULTS / n / DB_NAME) for n in names]
     assert tuple(int(g) for g in found.groups()) == tuple(sum(c[i] for c in counts) for i in range(3))
+
+
+@pytest.mark.slow  # a figure
+def test_cd_diagram_rank_axis_runs_from_one_to_k(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from topodecorr.experiments import plots
+
+    seen = {}
+    real_save = plots._save
+
+    def keep_axes(fig, stem, **kw):
+        ax = fig.axes[0]
+        seen.update(ticks=list(ax.get_xticks()), xlim=ax.get_xlim())
+        return real_save(fig, stem, **kw)
+
+    monkeypatch.setattr(plots, "_save", keep_axes)
+    # no penalty reached rank 1 or rank k = 4: the axis still shows the whole rank scale 1..4
+    ranks = pd.Series({"none": 1.6, "t1": 2.4, "t2": 3.1, "l1": 3.5})
+    nemenyi = pd.DataFrame(np.full((4, 4), 0.5), index=ranks.index, columns=ranks.index)
+    paths = plots.cd_diagram(ranks, nemenyi, 1.2, tmp_path / "cd")
+    assert [p.name for p in paths] == ["cd.png", "cd.svg"]
+    assert seen["ticks"] == [1, 2, 3, 4]
+    assert seen["xlim"][0] <= 1 and seen["xlim"][1] >= 4
+    plt.close("all")

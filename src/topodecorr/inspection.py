@@ -209,6 +209,8 @@ class RedundancyReport:
             lines += ["| # | neuron | neuron | correlation | death |", "|---:|---|---|---:|---:|"]
             for r, p in enumerate(c.pairs, 1):
                 lines.append(f"| {r} | {_name(p.a)} | {_name(p.b)} | {p.correlation:+.4f} | {p.death:.4f} |")
+            if any(p.correlation >= 0.99995 for p in c.pairs):
+                lines += ["", _ONE_NOTE]
         for caption, path in (figures or {}).items():
             lines += ["", f"![{caption}]({path})"]
         return "\n".join(lines) + "\n"
@@ -229,6 +231,7 @@ class RedundancyReport:
             ax.hist(d, bins=bins, range=(0.0, 1.0), color="tab:blue")
             ax.set_title(f"{c.name} (n = {c.neurons}, dead {c.dead})", fontsize=9)
             ax.set_xlabel("MST death")
+            ax.set_ylabel("tree edges (of n - 1)")
         for ax in list(axes.flat)[len(clouds):]:
             ax.axis("off")
         fig.tight_layout()
@@ -278,6 +281,14 @@ class RedundancyReport:
         path = folder / "inspect.md"
         path.write_text(self.to_markdown(figures), encoding="utf-8")
         return path
+
+
+#: Said under a pair table holding a pair printed as "+1.0000".
+_ONE_NOTE = (
+    "A correlation of +1.0000 is not always a duplicated feature: two near-dead neurons that are zero on "
+    "every sample but one (the same one) also correlate at exactly +1. Look at such a pair's activations "
+    "(pairs.png, or `report.activations(neuron)`) before pruning either neuron."
+)
 
 
 def _name(neuron: tuple[str, int]) -> str:

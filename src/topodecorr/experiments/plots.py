@@ -54,6 +54,11 @@ def cd_diagram(average_ranks, nemenyi, cd: float | None, stem: Path, title: str 
     k = len(average_ranks)
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * k))
     scikit_posthocs.critical_difference_diagram(average_ranks.to_dict(), nemenyi, ax=ax)
+    # the rank scale runs from 1 to k whatever the ranks came out as: scikit-posthocs crops the
+    # axis to the ranks drawn, so the best possible rank, 1, had no tick
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(min(lo, 0.9), max(hi, k + 0.1))
+    ax.set_xticks(range(1, k + 1))
     label = "average rank (1 = best)"
     if cd is not None:
         label += f"; Nemenyi CD = {cd:.2f}"
