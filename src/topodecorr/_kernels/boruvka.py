@@ -15,6 +15,8 @@ of kernel launches, not the flops). ``torch.compile`` traces it as one graph.
   in place (one comparison of component labels by broadcasting, one
   ``masked_fill_``; chunked in a fixed number of row blocks only when the
   boolean mask would exceed 256 MiB) and takes one ``min`` over the rows.
+  Under ``torch.compile`` the masking stays functional instead, so that it
+  fuses into the reduction (one read of the matrix per round).
 * **Deterministic ties.** Edges are totally ordered by ``(weight, min(i, j),
   max(i, j))``, which keeps Boruvka correct (no cycles) and makes the tree,
   hence the gradient, independent of the schedule: it is Kruskal's tree under
@@ -86,7 +88,15 @@ def _symmetric(W: torch.Tensor, sizes) -> torch.Tensor:
 
 
 def _row_minima(S: torch.Tensor, comp: torch.Tensor, chunks) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask the edges inside components (in place, for good) and take each row's first minimum."""
+    """Mask the edges inside components and take each row's first minimum.
+
+    Eagerly the mask is written into ``S`` (in place, for good: components only
+    grow). Under ``torch.compile`` it is left functional, so that the label
+    comparison and the masking fuse into the reduction: one read of ``S`` per
+    round, nothing written.
+    """
+    if torch.compiler.is_compiling():
+        return torch.where(comp[:, :, None] == comp[:, None, :], float("inf"), S).min(dim=2)
     if len(chunks) == 1:
         S.masked_fill_(comp[:, :, None] == comp[:, None, :], float("inf"))
     else:
