@@ -249,7 +249,7 @@ def test_no_capture_under_no_grad_or_eval_and_hooks_removed():
         with pytest.raises(RuntimeError, match="no activations were captured"):
             reg.penalty()
         m.train()
-    assert not reg._handles
+    assert not reg.attached
     assert all(len(mod._forward_hooks) == 0 for mod in m.modules())
     m(torch.randn(10, 5))
     with pytest.raises(RuntimeError, match="not attached"):
@@ -285,7 +285,7 @@ def _train_1000(m, opt, refs):
                 refs.append(weakref.ref(out))
             (out.square().mean() + reg.penalty()).backward()
             opt.step()
-            assert reg._captured == [] and reg._output is None
+            assert reg.captured_activations() == []
             del out
     assert reg.step == 1000
 
@@ -450,7 +450,7 @@ def test_compiled_wrapper_is_unwrapped_and_nonfinite_activations_raise():
         m(x.abs() + 0.1)
         with pytest.raises(FloatingPointError, match="not finite"):
             reg.penalty()
-        assert reg._captured == []
+        assert reg.captured_activations() == []
 
 
 @pytest.mark.slow

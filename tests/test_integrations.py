@@ -104,7 +104,7 @@ class _Recorder(_LightningCallback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         reg = self.reg_cb.regulariser
-        self.val_hooks.append(len(reg._captured) + (reg._output is not None))
+        self.val_hooks.append(len(reg.captured_activations()))
 
 
 def _loaders(n=192, batch=32):
@@ -246,11 +246,17 @@ class _HFRecorder(_TrainerCallback):
 
     def __init__(self):
         self.windows, self.calls, self.state = [], [], None
-        self.eval_hooks, self.train_hooks = [], []
+        self.eval_hooks, self.train_hooks, self.eval_captured = [], [], []
+        self.reg_cb = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.model = model
         model.register_forward_pre_hook(self._forward, with_kwargs=True)
+        model.register_forward_hook(self._after)
+
+    def _after(self, module, args, output):
+        if not module.training:  # what an evaluation forward left in the regulariser: nothing
+            self.eval_captured.append(len(self.reg_cb.regulariser.captured_activations()))
 
     def _forward(self, module, args, kwargs):
         inner = sum(len(m._forward_hooks) for m in module.transformer.modules())
@@ -304,6 +310,7 @@ def test_hf_trainer_gradient_is_task_plus_weighted_penalty(tmp_path, monkeypatch
     model = _gpt2()
     cb = DecorrelationCallback(penalty="t1", weight=WEIGHT)
     rec = _HFRecorder()
+    rec.reg_cb = cb
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=3,
         gradient_accumulation_steps=accumulate, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant",
@@ -322,8 +329,8 @@ def test_hf_trainer_gradient_is_task_plus_weighted_penalty(tmp_path, monkeypatch
             torch.testing.assert_close(g, want[name], rtol=1e-4, atol=1e-6)
         diff = max(float((want[n] - task_only[n]).abs().max()) for n in want)
         assert diff > 1e-3  # the penalty's share is far above the tolerance
-    # hooks inside the model only during training forwards; evaluation ran with none
-    assert rec.eval_hooks and set(rec.eval_hooks) == {0}
+    # the regulariser's hooks stay on the model while training runs; evaluation forwards record nothing
+    assert rec.eval_captured and set(rec.eval_captured) == {0}
     assert all(h > 0 for h in rec.train_hooks)
     # the statistics are in the Trainer's logs
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -334,7 +341,7 @@ def test_hf_trainer_gradient_is_task_plus_weighted_penalty(tmp_path, monkeypatch
         assert h["decorrelation/penalty"] > 0
     assert any("eval_loss" in h and "decorrelation/penalty" not in h for h in trainer.state.log_history)
     # training is over: no hook is left on the model
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 1  # the recorder's
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 2  # _HFRecorder's
 
 
 @pytest.mark.slow

@@ -100,7 +100,9 @@ def test_penalties_without_a_tree_report_no_deaths():
     assert sorted({s for _, _, s in writes}) == [0, 3]
     assert not any(kind == "histogram" for kind, _, _ in writes)
     stats = step_statistics(reg)
-    assert "penalty" not in stats and "min_death" not in stats and stats["neurons"] == 13
+    # one shape: the recorded weighted penalty is part of every step's statistics
+    assert "min_death" not in stats and stats["neurons"] == 13
+    assert stats["penalty"] == reg.last_stats.penalty and stats["penalty"] > 0
 
 
 def test_bad_sinks_are_refused():

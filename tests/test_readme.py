@@ -18,7 +18,7 @@ def test_quick_start_runs_and_reports_statistics(capsys):
     # 64 hidden ReLU units + 5 logits, pooled; deaths lie in [0, 1]
     assert stats.neurons == 69
     assert 0.0 <= stats.min_death <= stats.mean_death <= stats.max_death <= 1.0
-    assert not namespace["reg"]._handles, "hooks must be removed when the with block ends"
+    assert not namespace["reg"].attached, "hooks must be removed when the with block ends"
     assert "StepStats(" in capsys.readouterr().out
 
 

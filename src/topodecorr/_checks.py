@@ -19,6 +19,8 @@ PIPELINE_KINDS = ("deaths", "activations")
 SAMPLINGS = ("all", "importance", "fixed", "random")
 #: What happens to neurons constant over the batch: the paper's convention, or out of the cloud.
 DEAD_NEURONS = ("keep", "drop")
+#: Where the penalty of a DDP run is computed: on the gathered global batch, or per rank.
+DISTRIBUTED = ("global", "local")
 
 
 def choice(name: str, value, choices: tuple) -> None:
@@ -66,14 +68,29 @@ def max_samples(value) -> int | None:
     return integer("max_samples", value, 2, " (a correlation needs at least two samples) or None for all rows")
 
 
-def pipeline(penalty, weight_, dissimilarity, strategy, fraction, count, alpha_, dead_neurons, max_samples_,
-             count_name: str = "count"):
-    """Every option of the pipeline at once; returns the penalty's registry entry."""
+def backend(value) -> str:
+    """An MST kernel name: "auto" or a kernel of the registry (available here or not: that is checked at use)."""
+    from ._kernels import KERNELS
+
+    names = ("auto", *sorted(KERNELS))
+    if not isinstance(value, str) or value not in names:
+        raise ValueError(f"unknown backend {value!r}; choose one of {names} (topodecorr.available_backends() "
+                         "lists the ones usable here)")
+    return value
+
+
+def pipeline(*, penalty, weight, dissimilarity, sampling, fraction, count, alpha, dead_neurons, max_samples,
+             backend="auto", count_name: str = "count"):
+    """Every option of the pipeline at once (by keyword); returns the penalty's registry entry."""
     entry = lookup(penalty, PIPELINE_KINDS)
-    weight(weight_)
+    _weight(weight)
     choice("dissimilarity", dissimilarity, DISSIMILARITIES)
-    sampling(strategy, fraction, count, count_name)
-    alpha(alpha_)
+    _sampling(sampling, fraction, count, count_name)
+    _alpha(alpha)
     choice("dead_neurons", dead_neurons, DEAD_NEURONS)
-    max_samples(max_samples_)
+    _max_samples(max_samples)
+    _backend(backend)
     return entry
+
+
+_weight, _sampling, _alpha, _max_samples, _backend = weight, sampling, alpha, max_samples, backend

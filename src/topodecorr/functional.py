@@ -299,8 +299,9 @@ def decorrelation_result(
     acts = list(acts)
     if not acts:
         raise ValueError("no activations to regularise: pass at least one (samples, units) tensor")
-    entry = _checks.pipeline(penalty, weight, dissimilarity, sampling, fraction, count, alpha, dead_neurons,
-                             max_samples)
+    entry = _checks.pipeline(penalty=penalty, weight=weight, dissimilarity=dissimilarity, sampling=sampling,
+                             fraction=fraction, count=count, alpha=alpha, dead_neurons=dead_neurons,
+                             max_samples=max_samples, backend=backend)
     acts, layouts = _layer_layouts(acts, modes, entry.kind == "deaths" and sampling == "all" and indices is None)
     per_layer = entry.name in PER_HIDDEN_LAYER  # decov_layer: one cloud per hidden layer, no logits
     pooled = pooled and not per_layer

@@ -39,15 +39,13 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .correlation import DISSIMILARITIES, NonFiniteActivationsError, dissimilarity as _dissimilarity
-from .functional import MODES, flatten_activation
+from .correlation import _CONSTANT_RTOL_ULPS, DISSIMILARITIES, NonFiniteActivationsError
+from .correlation import dissimilarity as _dissimilarity
+from .monitor import death_summary
+from .neurons import MODES, Recorder, resolve_layers, unwrap
 from .persistence import mst_deaths
 
 __all__ = ["inspect", "RedundancyReport", "LayerRedundancy", "NeuronPair"]
-
-# the rule of topodecorr.correlation.normalize_activations: a neuron is constant when its
-# spread is below this many machine epsilons of its largest absolute activation
-_CONSTANT_RTOL_ULPS = 8.0
 
 
 @dataclass(frozen=True)
@@ -113,15 +111,7 @@ class LayerRedundancy:
 
     def summary(self) -> dict:
         """``neurons``, ``dead``, ``min/mean/max_death`` (None without deaths) as plain numbers."""
-        d = self.deaths
-        has = d.numel() > 0
-        return {
-            "neurons": self.neurons,
-            "dead": self.dead,
-            "min_death": float(d.min()) if has else None,
-            "mean_death": float(d.mean()) if has else None,
-            "max_death": float(d.max()) if has else None,
-        }
+        return {"neurons": self.neurons, "dead": self.dead, **death_summary(self.deaths)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -432,10 +422,6 @@ def inspect(
     >>> report.pooled.pairs[0].a, report.pooled.pairs[0].b, round(report.pooled.pairs[0].correlation, 6)
     (('1', 0), ('1', 1), 1.0)
     """
-    from .capture import _resolve_layers
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if mode is not None and mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     if dissimilarity not in DISSIMILARITIES:
@@ -444,141 +430,106 @@ def inspect(
         raise ValueError(f"k (pairs per cloud) must be a positive integer, got {k!r}")
     if isinstance(batches, torch.Tensor):
         raise TypeError("batches must be an iterable of batches (e.g. [x] or a DataLoader), not one tensor")
-    inner = getattr(model, "_orig_mod", None)
-    if isinstance(inner, nn.Module):
-        model = inner
-    chosen = _resolve_layers(model, layers, mode)
-    modules, modes, capture_output = chosen.modules, chosen.modes, chosen.capture_output
-    names = {id(m): (name or type(m).__name__) for name, m in model.named_modules()}
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else None
-
-    calls: list[tuple[int, torch.Tensor]] = []
-
-    def hook_for(i):
-        def hook(_module, _inputs, output):
-            if isinstance(output, torch.Tensor):
-                calls.append((i, output))
-
-        return hook
-
-    out_index = len(modules)
-
-    def output_hook(_module, _inputs, output):
-        if isinstance(output, torch.Tensor) and not any(t is output for _, t in calls):
-            calls.append((out_index, output))
-
-    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
-    if capture_output:
-        handles.append(model.register_forward_hook(output_hook))
-
-    layer_names: list[str] | None = None
-    sizes: list[int] = []
-    moments: list[_Moments] = []
-    pooled_m: _Moments | None = None
-    kept: list[list[torch.Tensor]] = []
-    n_batches = 0
+    model = unwrap(model)
+    chosen = resolve_layers(model, layers, mode)
+    stream = _Stream(pooled, max_neurons, keep_samples)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), Recorder(model, chosen) as recorder:
+            param = next(model.parameters(), None)
             for batch in batches:
-                calls.clear()
-                _call(model, batch, device)
-                if not calls:
-                    raise ValueError(
-                        "the forward pass produced no tensor at the chosen layers; pass layers= "
-                        "naming modules that return tensors"
-                    )
-                acts = []
-                for i, t in calls:
-                    if t.dim() < 2:
-                        raise ValueError(
-                            f"layer output of shape {tuple(t.shape)} has no batch dimension plus units"
-                        )
-                    if i == out_index:  # the model's output: logits (B, classes), else the given mode
-                        acts.append(flatten_activation(t, "flatten" if t.dim() == 2 else (mode or "flatten")))
-                    else:
-                        acts.append(flatten_activation(t, modes[i]))
-                if layer_names is None:
-                    layer_names = _layer_names(calls, modules, names, out_index)
-                    sizes = [a.shape[1] for a in acts]
-                    rows = {a.shape[0] for a in acts}
-                    use_pooled = pooled and len(rows) == 1 and len(acts) > 1
-                    biggest = sum(sizes) if use_pooled else max(sizes)
-                    if biggest > max_neurons:
-                        raise ValueError(
-                            f"{'the pooled cloud' if use_pooled else 'a layer'} has {biggest} neurons "
-                            f"(layers {dict(zip(layer_names, sizes))}); its correlation matrix would be too "
-                            f"large for max_neurons={max_neurons}: choose fewer layers (layers=[...]), "
-                            "mode='channel' for conv maps, pooled=False, or raise max_neurons"
-                        )
-                    moments = [_Moments() for _ in acts]
-                    pooled_m = _Moments() if use_pooled else None
-                    kept = [[] for _ in acts]
-                elif [a.shape[1] for a in acts] != sizes:
-                    raise ValueError(
-                        f"batch {n_batches} produced layers of different sizes than the first batch: "
-                        "every batch must run the same layers with the same output shapes"
-                    )
-                if pooled_m is not None:
-                    pooled_m.add(torch.cat(acts, dim=1))
-                else:
-                    for m, a in zip(moments, acts):
-                        m.add(a)
-                for store, a in zip(kept, acts):
-                    have = sum(x.shape[0] for x in store)
-                    if have < keep_samples:
-                        store.append(a[: keep_samples - have].detach().float().cpu())
-                n_batches += 1
+                _call(model, batch, param.device if param is not None else None)
+                stream.add(recorder.take())
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-
-    if n_batches == 0:
-        raise ValueError("batches is empty: pass at least one batch of inputs (e.g. [x] or a DataLoader)")
-    rows = pooled_m.rows if pooled_m is not None else moments[0].rows
-    if rows < 2:
-        raise ValueError(f"only {rows} sample was seen: a correlation needs at least 2 samples")
-    assert layer_names is not None
-    labels = [[(name, i) for i in range(size)] for name, size in zip(layer_names, sizes)]
-    clouds = []
-    pooled_cloud = None
-    if pooled_m is not None:
-        corr, dead = pooled_m.correlation()
-        start = 0
-        for name, lab in zip(layer_names, labels):
-            sl = slice(start, start + len(lab))
-            clouds.append(_cloud(name, corr[sl, sl], dead[sl], lab, k, dissimilarity, backend))
-            start += len(lab)
-        flat = [x for lab in labels for x in lab]
-        pooled_cloud = _cloud("pooled", corr, dead, flat, k, dissimilarity, backend)
-    else:
-        for name, lab, m in zip(layer_names, labels, moments):
-            corr, dead = m.correlation()
-            clouds.append(_cloud(name, corr, dead, lab, k, dissimilarity, backend))
-    if len(clouds) == 1 and pooled and pooled_cloud is None:
-        pooled_cloud = clouds[0]
-    kept_by_name = {
-        name: torch.cat(store) if store else torch.zeros(0, size)
-        for name, store, size in zip(layer_names, kept, sizes)
-    }
-    return RedundancyReport(
-        layers=tuple(clouds), pooled=pooled_cloud, samples=rows, batches=n_batches,
-        mode=mode or ", ".join(sorted(set(modes))) or "flatten",
-        dissimilarity=dissimilarity, _kept=kept_by_name,
-    )
+    return stream.report(k, dissimilarity, backend, mode or ", ".join(sorted(set(chosen.modes))) or "flatten")
 
 
-def _layer_names(calls, modules, names, out_index) -> list[str]:
-    seen: dict[int, int] = {}
-    result = []
-    for i, _ in calls:
-        if i == out_index:
-            result.append("output")
-            continue
-        seen[i] = seen.get(i, 0) + 1
-        base = names.get(id(modules[i]), type(modules[i]).__name__)
-        result.append(base if seen[i] == 1 else f"{base}#{seen[i]}")
-    return result
+class _Stream:
+    """The streamed moments of every cloud over the batches of :func:`inspect`, then the report."""
+
+    def __init__(self, pooled: bool, max_neurons: int, keep_samples: int) -> None:
+        self.pooled, self.max_neurons, self.keep_samples = pooled, max_neurons, keep_samples
+        self.names: list[str] | None = None
+        self.sizes: list[int] = []
+        self.moments: list[_Moments] = []
+        self.pooled_m: _Moments | None = None
+        self.kept: list[list[torch.Tensor]] = []
+        self.batches = 0
+
+    def add(self, records) -> None:
+        """One batch's records (layer outputs in call order)."""
+        if not records:
+            raise ValueError(
+                "the forward pass produced no tensor at the chosen layers; pass layers= naming modules that "
+                "return tensors"
+            )
+        for r in records:
+            if r.tensor.dim() < 2:
+                raise ValueError(f"layer output of shape {tuple(r.tensor.shape)} has no batch dimension plus units")
+        acts = [r.matrix for r in records]
+        if self.names is None:
+            self._start([r.name for r in records], acts)
+        elif [a.shape[1] for a in acts] != self.sizes:
+            raise ValueError(
+                f"batch {self.batches} produced layers of different sizes than the first batch: "
+                "every batch must run the same layers with the same output shapes"
+            )
+        if self.pooled_m is not None:
+            self.pooled_m.add(torch.cat(acts, dim=1))
+        else:
+            for m, a in zip(self.moments, acts):
+                m.add(a)
+        for store, a in zip(self.kept, acts):
+            have = sum(x.shape[0] for x in store)
+            if have < self.keep_samples:
+                store.append(a[: self.keep_samples - have].detach().float().cpu())
+        self.batches += 1
+
+    def _start(self, names: list[str], acts: list[torch.Tensor]) -> None:
+        self.names, self.sizes = names, [a.shape[1] for a in acts]
+        use_pooled = self.pooled and len({a.shape[0] for a in acts}) == 1 and len(acts) > 1
+        biggest = sum(self.sizes) if use_pooled else max(self.sizes)
+        if biggest > self.max_neurons:
+            raise ValueError(
+                f"{'the pooled cloud' if use_pooled else 'a layer'} has {biggest} neurons "
+                f"(layers {dict(zip(names, self.sizes))}); its correlation matrix would be too "
+                f"large for max_neurons={self.max_neurons}: choose fewer layers (layers=[...]), "
+                "mode='channel' for conv maps, pooled=False, or raise max_neurons"
+            )
+        self.moments = [_Moments() for _ in acts]
+        self.pooled_m = _Moments() if use_pooled else None
+        self.kept = [[] for _ in acts]
+
+    def report(self, k: int, kind: str, backend: str, mode: str) -> "RedundancyReport":
+        if self.batches == 0:
+            raise ValueError("batches is empty: pass at least one batch of inputs (e.g. [x] or a DataLoader)")
+        rows = self.pooled_m.rows if self.pooled_m is not None else self.moments[0].rows
+        if rows < 2:
+            raise ValueError(f"only {rows} sample was seen: a correlation needs at least 2 samples")
+        labels = [[(name, i) for i in range(size)] for name, size in zip(self.names, self.sizes)]
+        clouds, pooled_cloud = [], None
+        if self.pooled_m is not None:
+            corr, dead = self.pooled_m.correlation()
+            start = 0
+            for name, lab in zip(self.names, labels):
+                sl = slice(start, start + len(lab))
+                clouds.append(_cloud(name, corr[sl, sl], dead[sl], lab, k, kind, backend))
+                start += len(lab)
+            flat = [x for lab in labels for x in lab]
+            pooled_cloud = _cloud("pooled", corr, dead, flat, k, kind, backend)
+        else:
+            for name, lab, m in zip(self.names, labels, self.moments):
+                corr, dead = m.correlation()
+                clouds.append(_cloud(name, corr, dead, lab, k, kind, backend))
+        if len(clouds) == 1 and self.pooled and pooled_cloud is None:
+            pooled_cloud = clouds[0]
+        kept_by_name = {
+            name: torch.cat(store) if store else torch.zeros(0, size)
+            for name, store, size in zip(self.names, self.kept, self.sizes)
+        }
+        return RedundancyReport(
+            layers=tuple(clouds), pooled=pooled_cloud, samples=rows, batches=self.batches, mode=mode,
+            dissimilarity=kind, _kept=kept_by_name,
+        )

@@ -40,31 +40,44 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["StatsLogger", "step_statistics", "as_logger"]
+__all__ = ["StatsLogger", "step_statistics", "as_logger", "death_summary"]
 
-#: the statistics a step reports, in this order
-STATISTICS = ("penalty", "neurons", "dead", "min_death", "mean_death", "max_death", "skipped")
+
+def death_summary(deaths) -> dict[str, float | None]:
+    """``min_death``, ``mean_death``, ``max_death`` of some MST deaths as Python floats (None without deaths).
+
+    The one summary of deaths the regulariser's statistics, the inspector and the
+    harness's probe report. ``deaths``: a tensor, an array, a sequence or None.
+
+    >>> death_summary(torch.tensor([0.25, 0.5, 0.75]))
+    {'min_death': 0.25, 'mean_death': 0.5, 'max_death': 0.75}
+    >>> death_summary(None)
+    {'min_death': None, 'mean_death': None, 'max_death': None}
+    """
+    if deaths is None:
+        d = torch.zeros(0)
+    else:
+        d = deaths.detach() if isinstance(deaths, torch.Tensor) else torch.as_tensor(deaths)
+    if d.numel() == 0:
+        return {"min_death": None, "mean_death": None, "max_death": None}
+    d = d.to(torch.float64).flatten()
+    lo, mean, hi = torch.stack([d.min(), d.mean(), d.max()]).tolist()  # one host synchronisation
+    return {"min_death": lo, "mean_death": mean, "max_death": hi}
 
 
 def step_statistics(reg, penalty: torch.Tensor | float | None = None) -> dict[str, float] | None:
     """The last regularised step's statistics as a dict of Python numbers (None before any step).
 
-    ``penalty`` (the weighted value :meth:`~topodecorr.Decorrelation.penalty` returned) is
-    included when given; ``min/mean/max_death`` only for penalties that build a tree.
+    :meth:`topodecorr.capture.StepStats.as_dict` of ``reg.last_stats``; ``penalty`` (the weighted
+    value :meth:`~topodecorr.Decorrelation.penalty` returned, e.g. rescaled) replaces the recorded
+    one when given; ``min/mean/max_death`` only for penalties that build a tree.
     """
     stats = reg.last_stats
     if stats is None:
         return None
-    out: dict[str, float] = {}
+    out = stats.as_dict()
     if penalty is not None:
         out["penalty"] = float(penalty.detach()) if isinstance(penalty, torch.Tensor) else float(penalty)
-    out["neurons"] = stats.neurons
-    out["dead"] = stats.dead
-    for key in ("min_death", "mean_death", "max_death"):
-        value = getattr(stats, key)
-        if value is not None:
-            out[key] = value
-    out["skipped"] = stats.skipped
     return out
 
 

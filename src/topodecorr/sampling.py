@@ -24,13 +24,20 @@ import torch
 from . import _checks
 from ._checks import SAMPLINGS
 
-__all__ = ["SAMPLINGS", "select_neurons"]
+__all__ = ["SAMPLINGS", "sampled_units", "select_neurons"]
 
 
-def _per_layer_quota(units: int, fraction: float, count: int | None) -> int:
-    if count is not None:
-        return min(units, count)
-    return min(units, max(1, math.floor(fraction * units)))
+def sampled_units(units: int, is_output: bool, strategy: str, fraction: float = 1.0, count: int | None = None) -> int:
+    """How many of a layer's ``units`` neurons :func:`select_neurons` keeps (the rule without the data).
+
+    >>> sampled_units(1000, False, "importance", fraction=0.005), sampled_units(10, True, "importance", 0.005)
+    (5, 10)
+    """
+    if strategy == "all" or is_output:
+        return units
+    if strategy == "importance" or count is None:
+        return min(units, max(1, math.floor(fraction * units)))
+    return min(units, count)
 
 
 def select_neurons(
@@ -74,13 +81,7 @@ def select_neurons(
     out: list[torch.Tensor | None] = []
     for a, last in zip(acts, is_output):
         units = a.shape[1]
-        if strategy == "all" or last:
-            out.append(None)
-            continue
-        if strategy == "importance":
-            k = _per_layer_quota(units, fraction, None)
-        else:
-            k = _per_layer_quota(units, fraction, count)
+        k = sampled_units(units, last, strategy, fraction, count)
         if k >= units:
             out.append(None)
             continue

@@ -655,23 +655,32 @@ def _probe_widths(model: str, params_json: str, shape: tuple[int, ...], classes:
     return tuple(int(a.shape[1]) for a in acts)
 
 
+def _stored_widths(row: dict) -> tuple[int, ...] | None:
+    """The sampled neurons per probed layer the run recorded (``metrics["layer_widths"]``), or None."""
+    widths = json.loads(row.get("metrics") or "{}").get("layer_widths")
+    return tuple(int(w) for w in widths) if widths else None
+
+
 def _layer_layout(row: dict, data: dict, m: int) -> tuple[list[int], list[str]] | str:
     """Where the layers start in a stored correlation matrix of ``m`` neurons, or why that is unknown.
 
-    The database stores the matrix without its layer sizes; they are rebuilt from the
-    run's network configuration (the probe's own layer rule) and accepted only when
+    The layer sizes are those the run recorded with its metrics (``layer_widths``); a
+    database written before runs recorded them has them rebuilt from the run's network
+    configuration (the probe's own layer rule). Either way they are accepted only when
     they add up to the stored neuron count and give ``m`` sampled neurons.
     """
-    cfg = json.loads(row.get("config") or "{}")
-    train = cfg.get("train") or {}
-    shape, classes = data.get("input_shape"), data.get("num_classes")
-    if not cfg.get("model") or not shape or not classes:
-        return "the database lacks the network configuration or the data shape"
-    widths = _probe_widths(cfg["model"], json.dumps(cfg.get("model_params") or {}, sort_keys=True),
-                           tuple(int(v) for v in shape), int(classes), str(train.get("sampling", "all")),
-                           float(train.get("fraction", 1.0)))
-    if isinstance(widths, str):
-        return widths
+    widths = _stored_widths(row)
+    if widths is None:  # a database written before the runs recorded their layer widths
+        cfg = json.loads(row.get("config") or "{}")
+        train = cfg.get("train") or {}
+        shape, classes = data.get("input_shape"), data.get("num_classes")
+        if not cfg.get("model") or not shape or not classes:
+            return "the database lacks the network configuration or the data shape"
+        widths = _probe_widths(cfg["model"], json.dumps(cfg.get("model_params") or {}, sort_keys=True),
+                               tuple(int(v) for v in shape), int(classes), str(train.get("sampling", "all")),
+                               float(train.get("fraction", 1.0)))
+        if isinstance(widths, str):
+            return widths
     import torch
 
     from .train import CORR_MAX_NEURONS
@@ -699,6 +708,7 @@ def _heatmap_section(sweep: SweepData, figs: Path) -> list[str]:
     names: dict[str, list[str]] = {}
     unknown: dict[str, list[str]] = {}
     block = sweep.first_block
+    recorded = True  # every matrix's layer widths come from the database
     if block is not None:
         net0, seed0 = block
         for p in sweep.penalties:
@@ -708,6 +718,7 @@ def _heatmap_section(sweep: SweepData, figs: Path) -> list[str]:
                 continue
             mats[p] = m
             layout = _layer_layout(row, sweep.data, m.shape[0])
+            recorded = recorded and _stored_widths(row) is not None
             if isinstance(layout, str):
                 unknown.setdefault(layout, []).append(p)
             else:
@@ -719,8 +730,10 @@ def _heatmap_section(sweep: SweepData, figs: Path) -> list[str]:
     md.append(
         f"Pearson correlations of up to {max(m.shape[0] for m in mats.values())} neurons spread evenly over "
         f"the layers of `{net0}` (seed {seed0}, chosen weight), ordered by layer (h1 = first hidden layer, "
-        "out = logits). The database stores the matrix without layer sizes: the black lines are rebuilt from "
-        "the network's configuration and checked against the stored neuron count.\n"
+        + ("out = logits). The black lines are the layer widths each run recorded, checked against the stored "
+           "neuron count.\n" if recorded else
+           "out = logits). The database stores the matrix without layer sizes: the black lines are rebuilt from "
+           "the network's configuration and checked against the stored neuron count.\n")
     )
     for why, pens in unknown.items():
         md.append(f"Layer boundaries not drawn for {', '.join(pens)}: {why}.\n")
@@ -735,6 +748,7 @@ def _curves_section(sweep: SweepData, figs: Path) -> list[str]:
     md = ["## Training curves\n"]
     curves = {}
     block = sweep.first_block
+    recorded = True  # every matrix's layer widths come from the database
     if block is not None:
         net0, seed0 = block
         for p in sweep.penalties:

@@ -6,7 +6,9 @@ Tables
 ``runs``          one row per (network, penalty, weight, seed) -- the unique key -- with its
                   status (pending, running, done, diverged, failed), configuration (JSON),
                   owner (host, pid) and heartbeat while running, final metrics, timings,
-                  software versions and the error message of a failed run.
+                  software versions and the error message of a failed run. ``metrics`` (JSON)
+                  holds ``layer_widths``, the probed neurons per layer in the order of the
+                  stored deaths and correlation matrix (absent in databases from before it).
 ``epochs``        per-epoch curves of every run (train loss, penalty, validation loss and
                   accuracy, learning rate, death statistics, epoch time).
 ``deaths``        the MST deaths of each finished network at the end of training (float32).

@@ -50,8 +50,8 @@ from torch import nn
 
 import topodecorr
 from topodecorr import penalties
-from topodecorr.capture import ACTIVATION_MODULES
-from topodecorr.functional import flatten_activation
+from topodecorr.monitor import death_summary
+from topodecorr.neurons import Recorder, resolve_layers
 from topodecorr.penalties import Penalty
 from topodecorr.sampling import select_neurons
 
@@ -188,28 +188,21 @@ def _subset(n: int, size: int, seed: int) -> torch.Tensor:
 
 def _probe_activations(model: nn.Module, x: torch.Tensor, sampling: str, fraction: float,
                        mode: str = "flatten") -> list[torch.Tensor]:
-    """Per layer (samples, units) activations: every activation module's output, then the logits.
+    """Per layer (samples, units) activations by the training rule (:mod:`topodecorr.neurons`, ``"auto"``).
 
-    Hidden layers are importance-sampled (top ``floor(fraction * units)`` by mean
-    |activation|, at least one) when ``sampling == "importance"``. With ``mode="channel"``
-    a convolutional map gives (B x positions, channels).
+    The layers :class:`topodecorr.Decorrelation` regularises in training, read
+    the same way (for the harness's networks: every activation module's output,
+    then the logits; with ``mode="channel"`` a convolutional map gives
+    (B x positions, channels)). Hidden layers are sampled by the training API's
+    own rule (:func:`topodecorr.sampling.select_neurons`; the output layer whole).
     """
-    captured: list[torch.Tensor] = []
-
-    def hook(_module, _inputs, output):
-        out = output.detach()
-        captured.append(flatten_activation(out, "channel") if mode == "channel" else out.flatten(1))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, ACTIVATION_MODULES)]
-    try:
-        logits = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    layers = captured + [logits.detach().flatten(1)]
-    # the training API's own sampling rule (output layer whole)
-    picks = select_neurons(layers, [False] * len(captured) + [True], sampling, fraction)
-    return [a if idx is None else a[:, idx] for a, idx in zip(layers, picks)]
+    layers = resolve_layers(model, "auto", mode)
+    with Recorder(model, layers) as recorder:
+        model(x)
+        records = recorder.take()
+    acts = [r.matrix.detach() for r in records]
+    picks = select_neurons(acts, [r.is_output for r in records], sampling, fraction)
+    return [a if idx is None else a[:, idx] for a, idx in zip(acts, picks)]
 
 
 @torch.no_grad()
@@ -219,12 +212,13 @@ def probe_deaths(model: nn.Module, x: torch.Tensor, cfg: TrainConfig, keep_corre
     Returns
     -------
     dict
-        ``neurons``, ``dead`` (constant neurons), ``min_death``, ``mean_death``,
-        ``max_death``, ``deaths`` (float32 array of shape (neurons - 1,); in ``"channel"``
-        mode the deaths of each layer's tree, (neurons - layers,)) and, with
-        ``keep_correlation``, ``correlation``: the (m, m) correlation matrix of at
-        most :data:`CORR_MAX_NEURONS` neurons spread evenly over the pooled set (in
-        ``"channel"`` mode: the first layer's channels).
+        ``neurons``, ``widths`` (sampled neurons per layer, in order), ``dead``
+        (constant neurons), ``min_death``, ``mean_death``, ``max_death``
+        (:func:`topodecorr.monitor.death_summary`), ``deaths`` (float32 array of
+        shape (neurons - 1,); in ``"channel"`` mode the deaths of each layer's tree,
+        (neurons - layers,)) and, with ``keep_correlation``, ``correlation``: the
+        (m, m) correlation matrix of at most :data:`CORR_MAX_NEURONS` neurons spread
+        evenly over the pooled set (in ``"channel"`` mode: the first layer's channels).
     """
     was_training = model.training
     model.eval()
@@ -236,20 +230,15 @@ def probe_deaths(model: nn.Module, x: torch.Tensor, cfg: TrainConfig, keep_corre
     # whose deaths are put together
     clouds = [torch.cat(layers, dim=1).float()] if cfg.mode != "channel" else [a.float() for a in layers]
     acts = clouds[0]
-    out: dict[str, Any] = {"neurons": int(sum(c.shape[1] for c in clouds))}
+    out: dict[str, Any] = {"neurons": int(sum(c.shape[1] for c in clouds)),
+                           "widths": [int(a.shape[1]) for a in layers]}
     if not all(torch.isfinite(c).all() for c in clouds):
-        out.update(dead=None, min_death=None, mean_death=None, max_death=None, deaths=None)
+        out.update(dead=None, deaths=None, **death_summary(None))
         return out
     dead = sum(int(topodecorr.normalize_activations(c)[1].sum()) for c in clouds)
     d = np.concatenate([topodecorr.correlation_deaths(c, kind=cfg.dissimilarity).deaths.cpu().numpy()
                         for c in clouds]).astype(np.float32)
-    out.update(
-        dead=dead,
-        min_death=float(d.min()) if d.size else None,
-        mean_death=float(d.mean()) if d.size else None,
-        max_death=float(d.max()) if d.size else None,
-        deaths=d,
-    )
+    out.update(dead=dead, deaths=d, **death_summary(d))
     if keep_correlation:
         n = acts.shape[1]
         idx = torch.linspace(0, n - 1, min(n, CORR_MAX_NEURONS)).round().long().unique()
@@ -561,7 +550,8 @@ class _Run:
                 deaths=probe["deaths"],
                 correlation=probe.get("correlation"),
                 metrics={"train_acc": tr_acc, "neurons": probe["neurons"], "dead": probe["dead"],
-                         "mean_death": probe["mean_death"], "min_death": probe["min_death"]},
+                         "mean_death": probe["mean_death"], "min_death": probe["min_death"],
+                         "layer_widths": probe["widths"]},
             )
         times = [h["epoch_s"] for h in self.history]
         result["epoch_s"] = float(np.mean(times)) if times else None

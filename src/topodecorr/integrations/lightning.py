@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
             "topodecorr.integrations.lightning needs PyTorch Lightning: pip install 'topodecorr[lightning]'"
         ) from exc
 
-from ..capture import Decorrelation
+from ..capture import Decorrelation, check_options
 from ..monitor import step_statistics
 
 __all__ = ["DecorrelationCallback"]
@@ -80,7 +80,11 @@ class DecorrelationCallback(pl.Callback):
         Name prefix of the logged statistics.
     **options
         Any other keyword of :class:`topodecorr.Decorrelation` (``layers``,
-        ``sampling``, ``fraction``, ``mode``, ``pooled``, ``distributed``, ...).
+        ``sampling``, ``fraction``, ``mode``, ``pooled``, ``distributed``, ...),
+        checked here (:func:`topodecorr.capture.check_options`). ``layers`` names
+        and patterns are matched against ``pl_module.named_modules()`` when ``fit``
+        starts (``layers=["net.1"]`` for ``self.net = nn.Sequential(...)``); module
+        objects must belong to the fitted module.
 
     Attributes
     ----------
@@ -102,8 +106,8 @@ class DecorrelationCallback(pl.Callback):
             raise TypeError("DecorrelationCallback regularises the LightningModule it is fitted with; drop model=")
         if log_every is not None and not (isinstance(log_every, int) and log_every >= 1):
             raise ValueError(f"log_every must be an integer >= 1, got {log_every!r}")
-        # validate every option now (on a throwaway module) rather than when fit starts
-        Decorrelation(torch.nn.Sequential(torch.nn.ReLU()), penalty=penalty, weight=weight, **options)
+        # every option checked now, without a model; layer names and modules are matched when fit starts
+        check_options(penalty=penalty, weight=weight, **options)
         self.penalty = penalty
         self.weight = weight
         self.options = options

@@ -9,17 +9,26 @@
     trainer.train()
 
 How the penalty gets into the loss: a ``TrainerCallback`` cannot change the
-loss, so when training begins the callback registers two hooks on the model
-itself. A forward pre-hook attaches :class:`topodecorr.Decorrelation`'s
-hooks when the model is called in training mode with gradients enabled (the
-Trainer's training forward); a forward hook then adds ``weight * penalty`` to
-the ``loss`` of the model's output and removes them again. The Trainer's
-``compute_loss`` takes that ``loss`` and back-propagates it: one forward, one
-backward, and the penalty's gradient flows through the same graph (under DDP
-the hooks run inside the DDP forward, and with the default
-``distributed="global"`` the penalty is that of the global batch). Evaluation
-and prediction run in ``eval()`` mode without gradients: nothing is captured,
-``eval_loss`` is the task loss. The hooks are removed when training ends.
+loss, so when training begins the callback attaches
+:class:`topodecorr.Decorrelation`'s hooks to the model, which record every
+training forward (training mode, gradients enabled), and registers one more
+forward hook on the model that adds ``weight * penalty`` to the ``loss`` of
+its output. The Trainer's ``compute_loss`` takes that ``loss`` and
+back-propagates it: one forward, one backward, and the penalty's gradient
+flows through the same graph (under DDP the hooks run inside the DDP forward,
+and with the default ``distributed="global"`` the penalty is that of the
+global batch). Evaluation and prediction run in ``eval()`` mode without
+gradients: nothing is captured, ``eval_loss`` is the task loss. The hooks are
+removed when training ends.
+
+Gradient checkpointing: the non-reentrant variant
+(``TrainingArguments(gradient_checkpointing=True,
+gradient_checkpointing_kwargs={"use_reentrant": False})``, the default of
+``activation_checkpointing_enable`` in transformers 5) works: its recompute in
+``backward()`` is not captured again, and the penalty and gradients are those
+without checkpointing. The reentrant variant runs each block without
+gradients, so no penalty could reach the blocks' weights: ``on_train_begin``
+refuses it with that reason.
 
 Scaling, so that the penalty has the weight of one micro-batch's mean loss as
 in a plain loop: when the Trainer normalises the loss itself (it passes
@@ -39,7 +48,10 @@ the penalty.
 
 Layers: the default ``layers="auto"`` finds the transformer blocks and reads
 each block's feed-forward hidden units per token (``mode="features_last"``,
-one point cloud per block; see :mod:`topodecorr.capture`).
+one point cloud per block; see :mod:`topodecorr.neurons`). ``layers=`` takes
+module names or patterns of ``model.named_modules()`` (``["transformer.h.*.mlp.act"]``
+for GPT-2) or modules of the model, checked when the callback is built and
+matched when training begins.
 
 Statistics: every training log of the Trainer (``logging_steps``) gains
 ``decorrelation/penalty`` (the mean weighted penalty since the last log) and
@@ -65,7 +77,7 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
         "topodecorr.integrations.transformers needs Hugging Face transformers: pip install 'topodecorr[models]'"
     ) from exc
 
-from ..capture import Decorrelation
+from ..capture import Decorrelation, check_options
 from ..monitor import step_statistics
 
 __all__ = ["DecorrelationCallback"]
@@ -102,14 +114,14 @@ class DecorrelationCallback(TrainerCallback):
     def __init__(self, penalty: str = "t1", weight: float = 1e-3, *, prefix: str = "decorrelation", **options: Any):
         if "model" in options:
             raise TypeError("DecorrelationCallback regularises the Trainer's model; drop model=")
-        # validate every option now (on a throwaway module) rather than when training starts
-        Decorrelation(torch.nn.Sequential(torch.nn.ReLU()), penalty=penalty, weight=weight, **options)
+        # every option checked now, without a model; layer names and modules are matched when training starts
+        check_options(penalty=penalty, weight=weight, **options)
         self.penalty = penalty
         self.weight = weight
         self.options = options
         self.prefix = prefix.rstrip("/")
         self.regulariser: Decorrelation | None = None
-        self._handles: list = []
+        self._handle = None
         self._args = None
         self._sum: torch.Tensor | float = 0.0
         self._count = 0
@@ -124,14 +136,15 @@ class DecorrelationCallback(TrainerCallback):
                 "DecorrelationCallback cannot add the penalty; set label_smoothing_factor=0 (or override "
                 "Trainer.compute_loss and add topodecorr.Decorrelation(model, ...).penalty() there)"
             )
+        _refuse_reentrant_checkpointing(model)
         self._remove()
         self._args = args
         self.regulariser = Decorrelation(model, penalty=self.penalty, weight=self.weight, **self.options)
         self._sum, self._count = 0.0, 0
-        self._handles = [
-            model.register_forward_pre_hook(self._before_forward),
-            model.register_forward_hook(self._after_forward, with_kwargs=True),
-        ]
+        # the regulariser's hooks record every training forward (training mode, gradients enabled);
+        # this hook, registered after them, adds the penalty to that forward's loss
+        self.regulariser.attach()
+        self._handle = model.register_forward_hook(self._after_forward, with_kwargs=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._remove()
@@ -148,19 +161,11 @@ class DecorrelationCallback(TrainerCallback):
             history[-1].update(extra)
         self._sum, self._count = 0.0, 0
 
-    # -- hooks on the model ------------------------------------------------------
-    def _before_forward(self, module, args):
-        if module.training and torch.is_grad_enabled():
-            self.regulariser.attach()
-
+    # -- the hook on the model ---------------------------------------------------------------
     def _after_forward(self, module, args, kwargs, output):
-        reg = self.regulariser
-        if not reg._handles:  # not a training forward
-            return None
-        try:
-            value = reg.penalty()
-        finally:
-            reg.close()  # removes the layer hooks, drops what they captured
+        if not (module.training and torch.is_grad_enabled()) or torch._C._current_graph_task_id() != -1:
+            return None  # evaluation, prediction, or a recompute inside backward
+        value = self.regulariser.penalty()  # uses and releases what this forward recorded (0 on `every`'s off steps)
         loss = output.get("loss") if isinstance(output, dict) else None
         if not isinstance(loss, torch.Tensor):
             raise RuntimeError(
@@ -180,8 +185,26 @@ class DecorrelationCallback(TrainerCallback):
         return output
 
     def _remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
         if self.regulariser is not None:
             self.regulariser.close()
+
+
+def _refuse_reentrant_checkpointing(model) -> None:
+    """Reentrant activation checkpointing runs the blocks without gradients: no penalty could reach them."""
+    for name, m in model.named_modules():
+        if getattr(m, "gradient_checkpointing", False) is not True:
+            continue
+        fn = getattr(m, "_gradient_checkpointing_func", None)
+        # torch.utils.checkpoint's own default (use_reentrant unset) is the reentrant variant
+        if (getattr(fn, "keywords", None) or {}).get("use_reentrant", True):
+            raise RuntimeError(
+                f"the model uses reentrant gradient checkpointing ({name or type(m).__name__}): it runs each "
+                "block's forward without gradients and only recomputes it in backward, so the penalty of the "
+                "blocks' neurons could not reach their weights. Use the non-reentrant variant, whose recompute "
+                "DecorrelationCallback recognises (the penalty and gradients are then those without "
+                "checkpointing): TrainingArguments(gradient_checkpointing=True, "
+                "gradient_checkpointing_kwargs={'use_reentrant': False})"
+            )
