@@ -28,7 +28,10 @@ What is timed, per number of neurons n (float32, B = 256 samples):
   against the forward correlation alone (``correlation(acts)`` without grad) and
   the bare product ``Z^T Z``; the upper-triangle block product used by the
   fused path is timed for several block widths.
-* On CUDA (if available): the Boruvka backend on the GPU, up to n = 16384.
+* On CUDA (if available): the Boruvka backend on the GPU, up to n = 16384:
+  its edges against the CPU numba kernel's, a check that it and the fused
+  pipeline never synchronise (``torch.cuda.set_sync_debug_mode("error")``),
+  eager and ``torch.compile(mode="reduce-overhead")`` (one CUDA graph) times.
 * ``--counts``: the launch proxy of the accelerator path (issue 20), on CPU
   tensors: non-view aten operations and host synchronisations per call of the
   Boruvka kernel (n = 1024, 4096, 16384), of the 17-layer many-trees call, and
@@ -493,15 +496,41 @@ def bench_many(timer: Timer, threads: int, device: str = "cpu") -> list[dict]:
     return t.measure_many(fns, n=sum(MANY_LAYERS), group="many", threads=threads, device=device)
 
 
-def bench_cuda(sizes: list[int], timer: Timer) -> list[dict]:
+def _cuda_sync_free(fn) -> str:
+    """Run ``fn`` once with CUDA's sync debug mode set to error: "ok" or what synchronised."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError as exc:
+        return f"syncs: {str(exc).splitlines()[0][:120]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return "ok"
+
+
+def bench_cuda(sizes: list[int], timer: Timer, dev: str = "cuda", always=(4096, 16384)) -> list[dict]:
+    """The Boruvka backend on the GPU: exactness, host synchronisations, eager and compiled times."""
     rows = []
-    dev = "cuda"
-    for n in sorted(set(sizes) | {16384}):
+    compiled = torch.compile(boruvka_edges, mode="reduce-overhead", fullgraph=True)
+    for n in sorted(set(sizes) | set(always)):
         acts = make_acts(n).to(dev)
         with torch.no_grad():
             D = td.dissimilarity(td.correlation(acts)).contiguous()
+        exact = _edge_set(mst_edges(D, backend="boruvka").cpu()) == _edge_set(mst_edges(D.cpu(), backend="numba"))
+        tags = dict(n=n, group="cuda", exact_vs_numba=exact)
+        tags["sync_free"] = _cuda_sync_free(lambda: mst_edges(D, backend="boruvka"))
         t = Timer(timer.repeats, 2, device=dev)
-        rows.append(t.measure("cuda boruvka mst_edges", lambda: mst_edges(D, backend="boruvka"), n=n, group="cuda"))
+        rows.append(t.measure("cuda boruvka mst_edges", lambda: mst_edges(D, backend="boruvka"), **tags))
+        try:  # one CUDA graph per shape; the first calls record it
+            same = _edge_set(compiled(D).cpu()) == _edge_set(mst_edges(D, backend="boruvka").cpu())
+            t3 = Timer(timer.repeats, 3, device=dev)
+            rows.append(t3.measure("cuda boruvka, torch.compile reduce-overhead", lambda: compiled(D).clone(),
+                                   n=n, group="cuda", same_edges_as_eager=same))
+        except Exception as exc:  # noqa: BLE001 - recorded, the other measurements go on
+            rows.append({"name": "cuda boruvka, torch.compile reduce-overhead", "n": n, "group": "cuda",
+                         "median_ms": None, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
         rows.append(t.measure("cuda floor: D.sum()", lambda: D.sum(), n=n, group="cuda"))
         acts_g = acts.clone().requires_grad_(True)
 
@@ -509,7 +538,8 @@ def bench_cuda(sizes: list[int], timer: Timer) -> list[dict]:
             acts_g.grad = None
             td.t1(td.correlation_deaths(acts_g).deaths).backward()
 
-        rows.append(t.measure("cuda fused correlation_deaths -> T1, fwd+bwd", fused, n=n, group="cuda"))
+        sync = _cuda_sync_free(fused)
+        rows.append(t.measure("cuda fused correlation_deaths -> T1, fwd+bwd", fused, n=n, group="cuda", sync_free=sync))
     return rows
 
 
@@ -686,6 +716,10 @@ def summarise(rows: list[dict], sizes: list[int], threads: list[int]) -> tuple[l
             table.append(row)
         title = f"{group}, torch threads = {th}" if th is not None else f"{group}, torch threads = 1"
         md += [f"## {title} (median ms)", "", markdown_table(table, ["median ms"] + [f"n={n}" for n in ns]), ""]
+    checks = [r for r in rows if r["group"] == "cuda" and ({"exact_vs_numba", "sync_free", "error"} & set(r))]
+    if checks:
+        cols = ["name", "n", "exact_vs_numba", "sync_free", "same_edges_as_eager", "error"]
+        md += ["## cuda checks", "", markdown_table(checks, cols), ""]
     return ratios, "\n".join(md)
 
 
