@@ -316,3 +316,53 @@ def test_a_step_where_every_neuron_is_dead_warns_once(penalty):
         with td.Decorrelation(m, penalty=penalty) as reg:  # live neurons: no warning
             m(torch.randn(16, 4))
             reg.penalty()
+
+
+# -- torch.compile ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compile_trap_of_another_instance_is_warned_at_attach_and_the_remedy_works():
+    def mk():
+        torch.manual_seed(5)
+        return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    x = torch.randn(16, 5)
+    with td.Decorrelation(mk(), weight=1.0) as ref:  # eager reference
+        ref.model(x)
+        want = ref.penalty()
+    try:
+        torch._dynamo.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fresh = torch.compile(mk(), backend="eager")
+            td.Decorrelation(fresh).attach().close()  # nothing compiled yet: no warning
+        other = torch.compile(mk(), backend="eager")
+        other(x)  # another instance of the class, compiled and run without hooks
+    except Exception as e:  # pragma: no cover - compile unsupported here
+        pytest.skip(f"torch.compile unavailable: {e}")
+    cm = torch.compile(mk(), backend="eager")
+    reg = td.Decorrelation(cm, weight=1.0)
+    with pytest.warns(RuntimeWarning, match=r"attached to a torch.compile'd model while dynamo already holds compiled "
+                                             r"graphs.*Call torch._dynamo.reset\(\) right after attaching"):
+        reg.attach()
+    cm(x)
+    with pytest.raises(RuntimeError, match=r"no activations were captured.*torch._dynamo.reset\(\) right after"):
+        reg.penalty()
+    torch._dynamo.reset()  # the remedy
+    cm(x)
+    torch.testing.assert_close(reg.penalty(), want)
+    reg.close()
+    torch._dynamo.reset()
+
+
+def test_inspect_and_the_pipeline_share_the_constant_neuron_rule():
+    g = torch.Generator().manual_seed(6)
+    noise = torch.randn(256, 4, generator=g, dtype=torch.float64)
+    # float32 columns around 1e6: a spread of 0.5 is signal (2 eps |mean| = 0.24), 0.05 is not;
+    # (inspect once had its own rule, 8 eps max|x|, which called both dead)
+    x = (1e6 + noise * torch.tensor([0.5, 0.05, 1.0, 0.0], dtype=torch.float64)).float()
+    _, dead = td.normalize_activations(x)
+    report = td.inspect(nn.Identity(), [x[:100], x[100:]])
+    assert dead.tolist() == [False, True, False, True]
+    assert report.layers[0].dead_neurons == (("output", 1), ("output", 3))

@@ -91,10 +91,13 @@ given the compiled wrapper, the hooks are put on the module it wraps
 (``_orig_mod``). Dynamo does not see hooks attached after it compiled a
 forward: not after the compiled model's first call, and not after *another
 instance of the same class* was compiled and run in the process (its cached
-graph is reused). Then nothing is captured and :meth:`Decorrelation.penalty`
-raises ``RuntimeError``. The remedy, in that order: attach before compiling
-anything, or call ``torch._dynamo.reset()`` right after attaching (it drops
-every compiled graph of the process; they are recompiled on their next call).
+graph is reused, and none of the new hooks runs). Then nothing is captured
+and :meth:`Decorrelation.penalty` raises ``RuntimeError``. Given the compiled
+wrapper, :meth:`Decorrelation.attach` sees the trap coming: when dynamo
+already holds compiled graphs in the process it warns (``RuntimeWarning``)
+with the remedy. The remedy: attach before compiling anything, or call
+``torch._dynamo.reset()`` right after attaching (it drops every compiled graph
+of the process; they are recompiled on their next call).
 Removing hooks (``close()``) is honoured: nothing is captured after it.
 
 Settings are fixed when the regulariser is built (they shaped its hooks and
@@ -117,7 +120,7 @@ from . import _checks
 from .correlation import NonFiniteActivationsError
 from .functional import MODES, PenaltyResult, decorrelation_result
 from .monitor import as_logger, death_summary
-from .neurons import ACTIVATION_MODULES, Layers, Recorder, check_layers, resolve_layers, unwrap
+from .neurons import ACTIVATION_MODULES, Recorder, check_layers, dynamo_has_compiled, resolve_layers, unwrap
 from .sampling import sampled_units
 
 __all__ = ["Decorrelation", "Settings", "StepStats", "ACTIVATION_MODULES", "check_options"]
@@ -370,6 +373,7 @@ class Decorrelation:
     ):
         options = {k: v for k, v in locals().items() if k not in ("self", "model", "log", "__class__")}
         settings = Settings(**options)
+        compiled = unwrap(model) is not model
         model = unwrap(model)  # torch.compile's wrapper: the hooks go on the module it compiled
         chosen = resolve_layers(model, settings.layers, mode)
         if pooled is None:
@@ -386,6 +390,7 @@ class Decorrelation:
         self._tree: _TreeCache | None = None
         self._last: tuple[int, PenaltyResult] | None = None
         self._warned: set[str] = set()
+        self._compiled = compiled
 
     # -- settings (read-only but the weight) -----------------------------------------------------
     def __setattr__(self, name: str, value) -> None:
@@ -429,7 +434,20 @@ class Decorrelation:
         return self._recorder.attached
 
     def attach(self) -> "Decorrelation":
-        """Register the forward hooks (idempotent)."""
+        """Register the forward hooks (idempotent).
+
+        Given a ``torch.compile`` wrapper while dynamo holds compiled graphs, warns
+        (once) that a graph compiled without these hooks may be reused (see the
+        module docstring) and names the remedy.
+        """
+        if not self.attached and self._compiled and dynamo_has_compiled():
+            self._warn_once("compile", (
+                "Decorrelation was attached to a torch.compile'd model while dynamo already holds compiled "
+                "graphs in this process: a graph compiled without these hooks (for this model, or for another "
+                "instance of its class) is reused and captures nothing. Call torch._dynamo.reset() right after "
+                "attaching (it drops every compiled graph; they recompile on their next call), or attach "
+                "before compiling anything"
+            ), stacklevel=3)
         self._recorder.attach()
         return self
 
@@ -510,10 +528,10 @@ class Decorrelation:
             "CNNs); or raise max_neurons (None: no limit)"
         )
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _warn_once(self, key: str, message: str, stacklevel: int = 4) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
     def _warn_few_samples(self, acts, modes) -> None:
         rows = min(a.shape[0] * (math.prod(a.shape[2:]) if m == "channel" else 1) for a, m in zip(acts, modes))

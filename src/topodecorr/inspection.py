@@ -39,7 +39,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .correlation import _CONSTANT_RTOL_ULPS, DISSIMILARITIES, NonFiniteActivationsError
+from .correlation import DISSIMILARITIES, NonFiniteActivationsError, constant_rows
 from .correlation import dissimilarity as _dissimilarity
 from .monitor import death_summary
 from .neurons import MODES, Recorder, resolve_layers, unwrap
@@ -167,12 +167,12 @@ class RedundancyReport:
     # -- rendering -------------------------------------------------------------
     def to_markdown(self, figures: dict | None = None) -> str:
         """The report as Markdown; ``figures`` maps a caption to an image path to embed."""
-        kind = "1 - |corr|" if self.dissimilarity == "abs" else "sqrt(1 - corr^2)"
+        formula = "1 - |corr|" if self.dissimilarity == "abs" else "sqrt(1 - corr^2)"
         lines = [
             "# Redundancy report",
             "",
             f"{self.samples} samples from {self.batches} batch(es); neurons: mode `{self.mode}`; "
-            f"deaths: minimum spanning tree of d = {kind} (a dead neuron has correlation 0).",
+            f"deaths: minimum spanning tree of d = {formula} (a dead neuron has correlation 0).",
             "",
             "| cloud | neurons | dead | min death | mean death | max death | most redundant pair | corr |",
             "|---|---:|---:|---:|---:|---:|---|---:|",
@@ -293,27 +293,25 @@ class _Moments:
 
     def __init__(self) -> None:
         self.rows = 0
-        self.shift = self.sum = self.gram = self.maxabs = None
-        self.eps = None
+        self.shift = self.sum = self.gram = None
+        self.dtype = None  # the input dtype of least precision: it sets the constant-neuron tolerance
 
     def add(self, x: torch.Tensor) -> None:
         if not bool(torch.isfinite(x).all()):
             raise NonFiniteActivationsError(
                 "the captured activations contain NaN or inf; check the model's weights and the batches"
             )
-        eps = torch.finfo(x.dtype).eps
-        self.eps = eps if self.eps is None else max(self.eps, eps)
+        if self.dtype is None or torch.finfo(x.dtype).eps > torch.finfo(self.dtype).eps:
+            self.dtype = x.dtype
         x = x.to(torch.float64)
         if self.shift is None:
             self.shift = x.mean(dim=0)
             n = x.shape[1]
             self.sum = x.new_zeros(n)
             self.gram = x.new_zeros(n, n)
-            self.maxabs = x.new_zeros(n)
         xc = x - self.shift
         self.sum += xc.sum(dim=0)
         self.gram += xc.T @ xc
-        self.maxabs = torch.maximum(self.maxabs, x.abs().amax(dim=0))
         self.rows += x.shape[0]
 
     def correlation(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,7 +320,9 @@ class _Moments:
         cov = self.gram / self.rows - torch.outer(m, m)
         cov = (cov + cov.T) / 2
         var = cov.diagonal().clamp_min(0.0)
-        dead = (var.sqrt() <= _CONSTANT_RTOL_ULPS * self.eps * self.maxabs) | (self.maxabs == 0)
+        # the pipeline's rule (topodecorr.correlation.constant_rows): the spread is at most the
+        # rounding of a constant of the input's precision
+        dead = constant_rows((var * self.rows).sqrt(), (self.shift + m).abs(), self.rows, self.dtype)
         var = torch.where(dead, torch.ones_like(var), var)
         corr = cov / torch.outer(var, var).sqrt()
         corr = corr.clamp(-1.0, 1.0)
@@ -332,9 +332,9 @@ class _Moments:
         return corr, dead
 
 
-def _cloud(name, corr, dead, labels, k, kind, backend) -> LayerRedundancy:
+def _cloud(name, corr, dead, labels, k, dissimilarity, backend) -> LayerRedundancy:
     n = corr.shape[0]
-    D = _dissimilarity(corr, kind)
+    D = _dissimilarity(corr, dissimilarity)
     res = mst_deaths(D.cpu(), backend=backend)
     deaths, edges = res.deaths.detach().cpu(), res.edges.cpu()
     pairs = tuple(
@@ -502,7 +502,7 @@ class _Stream:
         self.pooled_m = _Moments() if use_pooled else None
         self.kept = [[] for _ in acts]
 
-    def report(self, k: int, kind: str, backend: str, mode: str) -> "RedundancyReport":
+    def report(self, k: int, dissimilarity: str, backend: str, mode: str) -> "RedundancyReport":
         if self.batches == 0:
             raise ValueError("batches is empty: pass at least one batch of inputs (e.g. [x] or a DataLoader)")
         rows = self.pooled_m.rows if self.pooled_m is not None else self.moments[0].rows
@@ -515,14 +515,14 @@ class _Stream:
             start = 0
             for name, lab in zip(self.names, labels):
                 sl = slice(start, start + len(lab))
-                clouds.append(_cloud(name, corr[sl, sl], dead[sl], lab, k, kind, backend))
+                clouds.append(_cloud(name, corr[sl, sl], dead[sl], lab, k, dissimilarity, backend))
                 start += len(lab)
             flat = [x for lab in labels for x in lab]
-            pooled_cloud = _cloud("pooled", corr, dead, flat, k, kind, backend)
+            pooled_cloud = _cloud("pooled", corr, dead, flat, k, dissimilarity, backend)
         else:
             for name, lab, m in zip(self.names, labels, self.moments):
                 corr, dead = m.correlation()
-                clouds.append(_cloud(name, corr, dead, lab, k, kind, backend))
+                clouds.append(_cloud(name, corr, dead, lab, k, dissimilarity, backend))
         if len(clouds) == 1 and self.pooled and pooled_cloud is None:
             pooled_cloud = clouds[0]
         kept_by_name = {
@@ -531,5 +531,5 @@ class _Stream:
         }
         return RedundancyReport(
             layers=tuple(clouds), pooled=pooled_cloud, samples=rows, batches=self.batches, mode=mode,
-            dissimilarity=kind, _kept=kept_by_name,
+            dissimilarity=dissimilarity, _kept=kept_by_name,
         )

@@ -78,6 +78,7 @@ Examples
 from __future__ import annotations
 
 import fnmatch
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -91,6 +92,7 @@ __all__ = [
     "Record",
     "Recorder",
     "check_layers",
+    "dynamo_has_compiled",
     "flatten_activation",
     "is_activation",
     "resolve_layers",
@@ -229,6 +231,18 @@ def unwrap(model: nn.Module) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     inner = getattr(model, "_orig_mod", None)
     return inner if isinstance(inner, nn.Module) else model
+
+
+def dynamo_has_compiled() -> bool:
+    """Whether ``torch.compile`` (dynamo) compiled any code in this process since its last ``torch._dynamo.reset()``.
+
+    Then a graph compiled without hooks may be reused for a model hooked now
+    (see :mod:`topodecorr.capture`, ``torch.compile``). Reads dynamo's record of
+    the code objects it compiled; False when dynamo was never imported.
+    """
+    convert_frame = sys.modules.get("torch._dynamo.convert_frame")
+    seen = getattr(getattr(convert_frame, "input_codes", None), "seen_ids", None)
+    return bool(seen)
 
 
 def check_layers(layers) -> "str | tuple":
