@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import strategies as S
 import topodecorr._kernels as K
@@ -365,6 +366,33 @@ def test_boruvka_batched_matches_single_kruskal_and_prim():
         prim = numba_prim.prim_min(D)
         assert np.array_equal(deaths, np.sort(D[prim[:, 0], prim[:, 1]])), l
         np.testing.assert_allclose(deaths, np.sort(S.scipy_deaths(D)), rtol=0, atol=1e-12)  # SciPy's offset of 1
+
+
+@given(st.lists(S.matrices(min_n=1, max_n=16), min_size=1, max_size=5))
+@settings(max_examples=S.examples(25))
+def test_boruvka_batched_is_kruskal_for_every_graph(cases):
+    """Any mix of sizes and families (ties included) in one padded call: every tree is Kruskal's."""
+    from topodecorr._kernels.boruvka import boruvka_edges_batched
+
+    mats = [D for _, _, _, D in cases]
+    m = max(len(D) for D in mats)
+    W = torch.zeros((len(mats), m, m), dtype=torch.float64)
+    for l, D in enumerate(mats):
+        W[l, : len(D), : len(D)] = torch.from_numpy(D)
+    out = boruvka_edges_batched(W, [len(D) for D in mats])
+    for l, D in enumerate(mats):
+        assert S.edge_set(out[l, : len(D) - 1].numpy()) == _kruskal_ordered(D), l
+
+
+def test_boruvka_gradient_is_that_of_the_ordered_tree():
+    """Ties: the gradient of the deaths is fixed by the (weight, i, j) order, not by the schedule."""
+    for family in ("quantised", "duplicates"):
+        D = torch.from_numpy(S.make_matrix(family, 30, seed=8)).requires_grad_(True)
+        mst_deaths(D, backend="boruvka", validate=False).deaths.sum().backward()
+        expected = torch.zeros_like(D)
+        for i, j in _kruskal_ordered(D.detach().numpy()):
+            expected[i, j] = expected[j, i] = 0.5  # each death is (D[i, j] + D[j, i]) / 2
+        assert torch.equal(D.grad, expected), family
 
 
 def test_boruvka_batches_beyond_the_key_range_in_slices(monkeypatch):
