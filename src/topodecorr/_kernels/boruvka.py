@@ -169,6 +169,12 @@ def boruvka_edges(W: torch.Tensor, chunk_rows: int | None = None) -> torch.Tenso
     -------
     LongTensor, shape (n - 1, 2), on ``W.device``
         Edges ``(i, j)``, in no particular order.
+
+    Examples
+    --------
+    >>> W = torch.tensor([[0.0, 1.0, 4.0], [1.0, 0.0, 2.0], [4.0, 2.0, 0.0]])
+    >>> boruvka_edges(W).tolist()
+    [[0, 1], [1, 2]]
     """
     n = W.shape[0]
     if n <= 1:
