@@ -80,10 +80,11 @@ def _symmetric(W: torch.Tensor, sizes) -> torch.Tensor:
     half = W.detach() * 0.5
     S = half + half.transpose(1, 2)
     del half
-    L, m = W.shape[0], W.shape[1]
-    if sizes is not None and any(int(s) != m for s in sizes):
-        live = torch.arange(m, device=W.device)[None, :] < torch.as_tensor(list(sizes), device=W.device)[:, None]
-        S.masked_fill_(~(live[:, :, None] & live[:, None, :]), float("inf"))
+    m = W.shape[1]
+    for l, size in enumerate(sizes if sizes is not None else []):
+        if int(size) < m:  # by slices: the sizes never travel to the device (a copy there would synchronise)
+            S[l, int(size) :].fill_(float("inf"))
+            S[l, :, int(size) :].fill_(float("inf"))
     return S
 
 
