@@ -284,7 +284,7 @@ def _staged(folder, accuracy, stage2=True):
     """A two-stage sweep: wide seeds 0 and 1 over [1e-6, 1e-3, 1, 100], then seed 2 (one neighbour each side)."""
     raw = {"name": "staged", "dataset": "digits", "networks": ["mlp"], "penalties": ["none", "t1"],
            "weights": [1e-6, 1e-3, 1.0, 100.0], "seeds": [0, 1, 2],
-           "stages": {"wide_seeds": [0, 1], "neighbours": 1}}
+           "stages": {"wide_seeds": [0, 1], "neighbours": 1}, "split_per_seed": True}
     store = ResultStore(folder / DB_NAME)
 
     def run(cfg):
@@ -324,6 +324,7 @@ def test_two_stage_choice_is_among_the_stage_two_weights(tmp_path):
     sweep.close()
     assert flags == {0: "", 1: "high", 2: ""}  # 1.0 is the top of the stage-2 grid, short of 100
     text = write_report(tmp_path / "two")[0].read_text()
+    assert "Each seed draws its own split (split seed 0 + seed)" in text
     assert "stage 1 ran every weight of the grid [1e-06, 0.001, 1.0, 100.0] on seed(s) [0, 1]" in text
     assert "- mlp / t1: 1e-06, 0.001, 1" in text
     assert "| t1 | 3 | 0 | 0 | 1 |" in text

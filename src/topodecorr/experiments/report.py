@@ -376,6 +376,9 @@ def _header(sweep: SweepData) -> list[str]:
             f"Data: {data.get('source')}; samples {data.get('sizes')}, input shape "
             f"{tuple(data.get('input_shape', ()))}, {data.get('num_classes')} classes.\n"
         )
+    if config.get("split_per_seed"):
+        md.append(f"Each seed draws its own split (split seed {config.get('split_seed', 0)} + seed); the data line "
+                  "above describes the split of the first split seed, the sizes are those of every seed.\n")
     if counts.get("pending") or counts.get("running"):
         md.append("> **The sweep is incomplete**: the tables below use the finished runs only.\n")
     return md
