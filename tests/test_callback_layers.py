@@ -50,6 +50,26 @@ if L is not None:
             return torch.optim.SGD(self.parameters(), lr=0.0)  # the weights stay: the reference can rerun
 
 
+    class _Checkpointed(_Net):
+        """The hidden block under torch.utils.checkpoint (reentrant or not); gradients kept before each step."""
+
+        def __init__(self, reentrant):
+            super().__init__()
+            self.reentrant, self.grads = reentrant, []
+
+        def forward(self, x):
+            h = self.net[0](x)  # the checkpointed block's input needs a gradient (reentrant checkpoint)
+            block = lambda t: self.net[2](self.net[1](t))  # noqa: E731  (the captured ReLU is not its last op)
+            if self.reentrant is None:
+                h = block(h)
+            else:
+                h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.reentrant)
+            return self.net[4](self.net[3](h))
+
+        def on_before_optimizer_step(self, optimizer):
+            self.grads.append([p.grad.clone() for p in self.parameters()])
+
+
 def _fit(cb, module):
     g = torch.Generator().manual_seed(1)
     data = torch.utils.data.TensorDataset(torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g))
@@ -79,6 +99,23 @@ def test_lightning_callback_takes_layers(how):
         acts.append(module.net[3](module.net[2](acts[0])))
     ref = WEIGHT * td.t1(td.correlation_deaths(torch.cat(acts, dim=1)).deaths)
     assert reg.last_stats.penalty == pytest.approx(float(ref), rel=1e-5)
+
+
+@pytest.mark.slow
+@needs_lightning
+def test_lightning_callback_under_activation_checkpointing_gives_the_gradients_without_it():
+    from topodecorr.integrations.lightning import DecorrelationCallback
+
+    grads = {}
+    for reentrant in (None, False, True):
+        module = _Checkpointed(reentrant)
+        _fit(DecorrelationCallback(penalty="t1", weight=1.0, log=False), module)
+        grads[reentrant] = module.grads
+        assert sum(len(m._forward_hooks) for m in module.modules()) == 0  # nothing left after fit
+    for reentrant in (False, True):
+        for got, want in zip(grads[reentrant], grads[None]):
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 @needs_lightning
@@ -159,26 +196,8 @@ def test_hf_callback_takes_layers_on_gpt2(how):
 
 @pytest.mark.slow
 @needs_transformers
-def test_hf_reentrant_gradient_checkpointing_is_refused_at_train_begin():
-    from topodecorr.integrations.transformers import DecorrelationCallback
-
-    model = _gpt2()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing_enable's new name
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
-    before = hooks()  # enable_input_require_grads' own hook on the embeddings
-    cb = DecorrelationCallback()
-    with pytest.raises(RuntimeError, match=r"the model uses reentrant gradient checkpointing \(transformer\): "
-                                           r"it runs each block's forward without gradients.*"
-                                           r"gradient_checkpointing_kwargs=\{'use_reentrant': False\}"):
-        cb.on_train_begin(_args(), None, None, model=model)
-    assert hooks() == before  # refused before attaching anything
-
-
-@pytest.mark.slow
-@needs_transformers
-def test_hf_non_reentrant_gradient_checkpointing_gives_the_gradients_without_it():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_hf_gradient_checkpointing_gives_the_gradients_without_it(reentrant):
     from topodecorr.integrations.transformers import DecorrelationCallback
 
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
@@ -188,7 +207,7 @@ def test_hf_non_reentrant_gradient_checkpointing_gives_the_gradients_without_it(
         if ckpt:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         cb = DecorrelationCallback(penalty="t1", weight=WEIGHT)
         cb.on_train_begin(_args(), None, None, model=model)
         try:
@@ -199,8 +218,34 @@ def test_hf_non_reentrant_gradient_checkpointing_gives_the_gradients_without_it(
             cb.on_train_end(None, None, None)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         stats.append(cb.regulariser.last_stats)
+    task = _gpt2().train()
+    task(input_ids=ids, labels=ids).loss.backward()  # no penalty: the comparison below can fail
+    assert max(float((grads[0][n] - p.grad).abs().max()) for n, p in task.named_parameters()) > 1e-3
     assert stats[1].clouds == stats[0].clouds == (128, 128)
     assert stats[1].penalty == pytest.approx(stats[0].penalty, rel=1e-6)
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@needs_transformers
+def test_hf_callback_every_adds_the_penalty_on_every_kth_training_forward_only():
+    from topodecorr.integrations.transformers import DecorrelationCallback
+
+    model = _gpt2().train()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+    cb = DecorrelationCallback(penalty="t1", weight=WEIGHT, every=2)
+    cb.on_train_begin(_args(), None, None, model=model)
+    try:
+        with_cb = [float(model(input_ids=ids, labels=ids).loss) for _ in range(4)]
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids, labels=ids)  # an evaluation forward: not a step
+        model.train()
+    finally:
+        cb.on_train_end(None, None, None)
+    task = float(model(input_ids=ids, labels=ids).loss)
+    assert cb.regulariser.step == 4
+    assert with_cb[1] == pytest.approx(task) and with_cb[3] == pytest.approx(task)
+    assert with_cb[0] == with_cb[2] and with_cb[0] > task + 1e-3

@@ -74,32 +74,55 @@ def _step(net, x, y, steps=2, **kw):
 # -- activation checkpointing ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("steps", [3])
-def test_non_reentrant_checkpointing_gives_the_penalty_and_gradients_without_it(steps):
+@pytest.mark.parametrize("ckpt", ["non-reentrant", "reentrant"])
+def test_checkpointing_gives_the_penalty_and_gradients_without_it(ckpt):
     x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
-    plain = _step(_net(), x, y, steps)
-    ckpt = _step(_net("non-reentrant"), x, y, steps)
-    for (p, g, n), (q, h, m) in zip(plain, ckpt):
+    plain = _step(_net(), x, y, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning either
+        checked = _step(_net(ckpt), x, y, 3)
+    for (p, g, n), (q, h, m) in zip(plain, checked):
         assert n == m == 6 + 10 + 10 + 3  # the recompute in backward() added no neuron
         torch.testing.assert_close(q, p)
         for a, b in zip(h, g):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # the penalty's share of the gradient is far above the tolerance: the comparison can fail
+    task = _net()
+    nn.functional.cross_entropy(task(x), y).backward()
+    assert max(float((a - t.grad).abs().max()) for a, t in zip(plain[0][1], task.parameters())) > 1e-2
 
 
-def test_reentrant_checkpointing_is_refused_with_the_reason():
+def test_reentrant_checkpointing_needs_the_hooks_until_backward():
     net = _net("reentrant")
-    x = torch.randn(16, 5)
+    x, y = torch.randn(16, 5), torch.arange(16) % 3
     with td.Decorrelation(net) as reg:
-        with pytest.raises(RuntimeError, match=r"layer 'blocks.0.act' ran without gradients inside a training "
-                                               r"forward.*use_reentrant=True.*Use use_reentrant=False"):
-            net(x)
-        assert reg.captured_activations() == []  # nothing left behind
-    # the checkpointed blocks left out with layers=: reentrant checkpointing elsewhere is fine
-    with td.Decorrelation(net, layers=["inp.1"]) as reg:
-        out = net(x)
-        p = reg.penalty()
-        (out.sum() + p).backward()
-        assert reg.last_stats.neurons == 6
+        loss = nn.functional.cross_entropy(net(x), y) + reg.penalty()
+    with pytest.raises(RuntimeError, match=r"the penalty's gradient reached a layer of a reentrant activation "
+                                           r"checkpoint after the regulariser's hooks were removed"):
+        loss.backward()
+
+
+def test_a_layer_run_without_gradients_inside_a_training_forward_is_refused():
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Sequential(nn.Linear(5, 6), nn.ReLU()), nn.Linear(6, 3)
+
+        def forward(self, x):
+            with torch.no_grad():  # a frozen feature extractor
+                h = self.body(x)
+            return self.head(h)
+
+    m = Frozen()
+    with td.Decorrelation(m) as reg:
+        with pytest.raises(RuntimeError, match=r"layer 'body.1' ran without gradients inside a training forward "
+                                               r"of the model \(under torch.no_grad\(\), e.g. a frozen part.*"
+                                               r"leave it out with layers=\[...\]"):
+            m(torch.randn(8, 5))
+        assert reg.captured_activations() == []
+    with td.Decorrelation(m, layers=["head"]) as reg:
+        m(torch.randn(8, 5))
+        assert reg.penalty().requires_grad
 
 
 def test_recompute_signal_is_the_autograd_engine():

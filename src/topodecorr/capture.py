@@ -62,10 +62,9 @@ before that is a ``RuntimeError`` (two forwards' rows are different samples);
 run any extra forward (logging, a reference) under ``torch.no_grad()`` or in
 ``eval()``. A forward that raised leaves nothing behind. Under activation
 checkpointing (``torch.utils.checkpoint``) the recompute in ``backward()`` is
-not captured again; with ``use_reentrant=False`` the penalty and gradients
-equal those without checkpointing, while reentrant checkpointing runs the
-block without gradients, which is refused with the reason (see
-:mod:`topodecorr.neurons`).
+not captured again, and the penalty and gradients equal those without
+checkpointing, reentrant or not (see :mod:`topodecorr.neurons`; keep the
+regulariser attached until ``backward()`` has run).
 
 A batch of 2 or 3 samples is warned about (every correlation is then +-1 or
 near it, every death near 0), and so is the first step on which every
@@ -110,7 +109,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch

@@ -43,12 +43,15 @@ forward, like torchvision's ``BasicBlock.relu``, gives ``"layer1.0.relu"`` and
   ``gradient_checkpointing_enable``): a recompute runs inside the autograd
   engine's backward (``torch._C._current_graph_task_id() != -1``), which no
   training forward does. Under non-reentrant checkpointing the original
-  forward is recorded with its graph, so the penalty and its gradients equal
-  those without checkpointing. Reentrant checkpointing runs the original
-  forward without gradients, so its layers cannot be regularised: a captured
-  layer running without gradients inside a training forward of the model is a
-  ``RuntimeError`` that says so (use ``use_reentrant=False``, or leave the
-  block out with ``layers=``);
+  forward is recorded with its graph. Reentrant checkpointing runs the
+  original forward without gradients: its layers are recorded as leaves, the
+  penalty's gradient collects in them, and the recompute adds it to the
+  recomputed layers' gradient (:class:`_Reentrant`). Either way the penalty
+  and its gradients equal those without checkpointing. Keep the hooks
+  attached until ``backward()`` has run (a gradient that arrives after they
+  were removed is a ``RuntimeError``). Any other captured layer running
+  without gradients inside a training forward (a frozen part under
+  ``torch.no_grad()``) is a ``RuntimeError``: leave it out with ``layers=``;
 * nothing from a forward of the model that raised: its partial record is
   dropped when the exception leaves the model;
 * a second training forward of the model before the record was taken
@@ -374,6 +377,7 @@ class Recorder:
         self._records: list[Record] = []
         self._open = False  # a recorded forward of the model is running
         self._seen = False  # the open forward's finishing hook ran (it did not raise)
+        self._reentrant = _Reentrant(self)
 
     @property
     def attached(self) -> bool:
@@ -441,6 +445,7 @@ class Recorder:
                 "forward under torch.no_grad() or in eval() so that it is not captured"
             )
         self._open, self._seen = True, False
+        self._reentrant.clear()  # the previous forward's backward is over
 
     def _end(self, module, args, output) -> None:
         if torch.compiler.is_compiling():
@@ -475,20 +480,23 @@ class Recorder:
     def _layer_hook(self, index: int):
         def hook(module, inputs, output):
             if not isinstance(output, torch.Tensor):
-                return
+                return None
             if torch.compiler.is_compiling():
                 if self._wanted():
                     self._add(index, output)
-                return
-            if _in_backward():
-                return  # recomputed by activation checkpointing: the original forward was recorded
+                return None
+            if _in_backward():  # recomputed by activation checkpointing: the original forward was recorded
+                return self._reentrant.inject(index, output)
             if self._open:
                 if self.needs_grad and not torch.is_grad_enabled():
-                    self.clear()
-                    raise RuntimeError(_NO_GRAD_INSIDE.format(name=self.layers.names[index]))
+                    if not _in_reentrant_checkpoint():
+                        self.clear()
+                        raise RuntimeError(_NO_GRAD_INSIDE.format(name=self.layers.names[index]))
+                    output = self._reentrant.leaf(index, output)
                 self._add(index, output)
             elif self._wanted():  # a submodule called directly, outside a forward of the model
                 self._add(index, output)
+            return None
 
         return hook
 
@@ -499,10 +507,92 @@ class Recorder:
         self._records.append(Record(name, index, output, self.layers.modes[index], False))
 
 
+# -- reentrant activation checkpointing ----------------------------------------------------------
+
+
+def _in_reentrant_checkpoint() -> bool:
+    """Whether torch.utils.checkpoint's reentrant variant is running its block (a frame of its forward)."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    code = CheckpointFunction.forward.__code__
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _Reentrant:
+    """The layers a reentrant checkpoint ran without gradients, and their gradients in its recompute.
+
+    The original forward of a reentrant checkpoint runs without gradients, so the
+    recorded output is a leaf (``leaf``): the penalty is computed from it, and the
+    backward of the loss leaves the penalty's gradient in ``leaf.grad``. The
+    checkpoint's backward then recomputes the block with gradients (inside the
+    autograd engine); there each recomputed output of the same layer, in the
+    same order, gets an identity whose backward adds that gradient (``inject``),
+    and it flows into the block's weights as without checkpointing.
+    """
+
+    def __init__(self, recorder: "Recorder") -> None:
+        self.recorder = recorder
+        self.leaves: dict[int, list[torch.Tensor]] = {}
+
+    def clear(self) -> None:
+        self.leaves = {}
+
+    def leaf(self, index: int, output: torch.Tensor) -> torch.Tensor:
+        leaf = output.detach().requires_grad_(True)
+        self.leaves.setdefault(index, []).append(leaf)
+        leaf.register_hook(self._check_attached)
+        return leaf
+
+    def _check_attached(self, grad: torch.Tensor) -> None:
+        if not self.recorder.attached:  # the recompute will not be seen: its gradient would be lost
+            raise RuntimeError(
+                "the penalty's gradient reached a layer of a reentrant activation checkpoint after the "
+                "regulariser's hooks were removed: keep it attached until backward() has run (e.g. call "
+                "backward() inside `with reg:`), or use use_reentrant=False"
+            )
+
+    def inject(self, index: int, output: torch.Tensor) -> torch.Tensor | None:
+        waiting = self.leaves.get(index)
+        if not waiting or not torch.is_grad_enabled():
+            return None  # a non-reentrant recompute: its original forward was recorded with its graph
+        leaf = waiting.pop(0)
+        if leaf.shape != output.shape:
+            raise RuntimeError(
+                f"the recompute of a reentrant activation checkpoint gave layer {index} an output of shape "
+                f"{tuple(output.shape)}, the original forward {tuple(leaf.shape)}: the recompute does not "
+                "repeat the forward; use use_reentrant=False"
+            )
+        return _AddGrad.apply(output, leaf)
+
+
+class _AddGrad(torch.autograd.Function):
+    """Identity whose backward adds the penalty's gradient, left in ``leaf.grad`` by the loss's backward."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+        ctx.leaf = leaf
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        extra = ctx.leaf.grad
+        if extra is None:
+            raise RuntimeError(
+                "a reentrant activation checkpoint recomputed a regularised layer before the penalty's gradient "
+                "reached it (or the penalty is not part of the loss): add penalty() to the loss that is "
+                "back-propagated, or use use_reentrant=False"
+            )
+        ctx.leaf = None
+        return grad + extra.to(grad.dtype), None
+
+
 _NO_GRAD_INSIDE = (
-    "layer {name!r} ran without gradients inside a training forward of the model, so its activations "
-    "cannot be regularised: torch.utils.checkpoint with use_reentrant=True (Hugging Face: "
-    "gradient_checkpointing_kwargs={{'use_reentrant': True}}) runs its block that way. Use "
-    "use_reentrant=False (its recompute is recognised and the penalty is exact), or leave the block's "
-    "layers out with layers=[...]"
+    "layer {name!r} ran without gradients inside a training forward of the model (under torch.no_grad(), "
+    "e.g. a frozen part of the network), so its activations cannot be regularised: leave it out with "
+    "layers=[...], or run it with gradients"
 )

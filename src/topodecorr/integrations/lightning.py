@@ -21,8 +21,14 @@ forward; with the default ``distributed="global"`` it is the penalty of the
 global batch, see :mod:`topodecorr.distributed`). The original method is put
 back when ``fit`` ends or fails.
 
-The hooks are attached only while ``training_step`` runs: validation, test,
-prediction and other callbacks' forward passes are never captured. A
+The hooks are attached from the start of ``training_step`` to the end of the
+training batch (its backward included): validation, test, prediction and
+other callbacks' forward passes are never captured. One
+training forward of the module per ``training_step``: a second call of
+``self(...)`` with gradients in the same step is a ``RuntimeError`` (two
+batches' rows cannot share one point cloud); run an extra forward under
+``torch.no_grad()``. Activation checkpointing inside the module, reentrant or
+not, gives the penalty and gradients without it (see :mod:`topodecorr.neurons`). A
 ``training_step`` that returns ``None`` (skips the batch) gets no penalty.
 With the default ``layers="auto"`` the module's activation-function modules
 are hidden layers and, when ``training_step`` calls ``self(x)``, the
@@ -136,14 +142,16 @@ class DecorrelationCallback(pl.Callback):
 
         def training_step(*args: Any, **kwargs: Any):
             reg = self.regulariser
-            reg.attach()
+            reg.attach()  # until the batch ends: a reentrant checkpoint's recompute in backward needs the hooks
             try:
                 out = original(*args, **kwargs)
                 if out is None:  # the module skips this batch
+                    reg.close()
                     return None
                 value = reg.penalty()
-            finally:
+            except BaseException:
                 reg.close()  # removes the hooks and drops anything captured
+                raise
             loss = out if isinstance(out, torch.Tensor) else out.get("loss") if isinstance(out, dict) else None
             if not isinstance(loss, torch.Tensor):
                 raise TypeError(
@@ -161,6 +169,10 @@ class DecorrelationCallback(pl.Callback):
             return total if isinstance(out, torch.Tensor) else {**out, "loss": total}
 
         pl_module.training_step = training_step  # type: ignore[method-assign]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.regulariser is not None:
+            self.regulariser.close()  # backward and the optimiser step are done
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._restore()

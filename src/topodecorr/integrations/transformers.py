@@ -21,14 +21,11 @@ global batch). Evaluation and prediction run in ``eval()`` mode without
 gradients: nothing is captured, ``eval_loss`` is the task loss. The hooks are
 removed when training ends.
 
-Gradient checkpointing: the non-reentrant variant
-(``TrainingArguments(gradient_checkpointing=True,
-gradient_checkpointing_kwargs={"use_reentrant": False})``, the default of
-``activation_checkpointing_enable`` in transformers 5) works: its recompute in
-``backward()`` is not captured again, and the penalty and gradients are those
-without checkpointing. The reentrant variant runs each block without
-gradients, so no penalty could reach the blocks' weights: ``on_train_begin``
-refuses it with that reason.
+Gradient checkpointing (``TrainingArguments(gradient_checkpointing=True)``,
+reentrant or not): the recompute in ``backward()`` is not captured again, and
+the penalty and gradients are those without checkpointing (see
+:mod:`topodecorr.neurons`; the reentrant variant's gradient reaches the blocks
+through their recompute).
 
 Scaling, so that the penalty has the weight of one micro-batch's mean loss as
 in a plain loop: when the Trainer normalises the loss itself (it passes
@@ -136,7 +133,6 @@ class DecorrelationCallback(TrainerCallback):
                 "DecorrelationCallback cannot add the penalty; set label_smoothing_factor=0 (or override "
                 "Trainer.compute_loss and add topodecorr.Decorrelation(model, ...).penalty() there)"
             )
-        _refuse_reentrant_checkpointing(model)
         self._remove()
         self._args = args
         self.regulariser = Decorrelation(model, penalty=self.penalty, weight=self.weight, **self.options)
@@ -191,20 +187,3 @@ class DecorrelationCallback(TrainerCallback):
         if self.regulariser is not None:
             self.regulariser.close()
 
-
-def _refuse_reentrant_checkpointing(model) -> None:
-    """Reentrant activation checkpointing runs the blocks without gradients: no penalty could reach them."""
-    for name, m in model.named_modules():
-        if getattr(m, "gradient_checkpointing", False) is not True:
-            continue
-        fn = getattr(m, "_gradient_checkpointing_func", None)
-        # torch.utils.checkpoint's own default (use_reentrant unset) is the reentrant variant
-        if (getattr(fn, "keywords", None) or {}).get("use_reentrant", True):
-            raise RuntimeError(
-                f"the model uses reentrant gradient checkpointing ({name or type(m).__name__}): it runs each "
-                "block's forward without gradients and only recomputes it in backward, so the penalty of the "
-                "blocks' neurons could not reach their weights. Use the non-reentrant variant, whose recompute "
-                "DecorrelationCallback recognises (the penalty and gradients are then those without "
-                "checkpointing): TrainingArguments(gradient_checkpointing=True, "
-                "gradient_checkpointing_kwargs={'use_reentrant': False})"
-            )
