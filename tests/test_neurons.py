@@ -229,6 +229,17 @@ def test_harness_probe_follows_the_training_rule():
     assert reg.last_stats.neurons == 10
 
 
+def test_probe_records_the_layer_widths_the_report_needs():
+    from topodecorr.experiments.config import TrainConfig
+    from topodecorr.experiments.train import probe_deaths
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 9), nn.ReLU(), nn.Linear(9, 5), nn.GELU(), nn.Linear(5, 3))
+    probe = probe_deaths(net, torch.randn(32, 4), TrainConfig())
+    assert probe["widths"] == [9, 5, 3] and probe["neurons"] == 17
+    assert probe["min_death"] == pytest.approx(float(probe["deaths"].min()))
+
+
 def test_report_reads_the_layer_widths_from_the_store():
     from topodecorr.experiments.report import _layer_layout
 
