@@ -463,7 +463,7 @@ class Decorrelation:
     # -- penalty ---------------------------------------------------------------------------------
     def captured_activations(self) -> list[torch.Tensor]:
         """The layer outputs captured since the last penalty, flattened to (samples, neurons)."""
-        return [r.matrix for r in self._recorder._records]
+        return [r.matrix for r in self._recorder.records]
 
     def penalty(self) -> torch.Tensor:
         """Weighted penalty of the activations captured by the last forward pass.

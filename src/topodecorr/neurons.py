@@ -414,9 +414,9 @@ class Recorder:
         self._open = self._seen = False
 
     @property
-    def pending(self) -> bool:
-        """Whether something was recorded and not taken yet."""
-        return bool(self._records)
+    def records(self) -> tuple[Record, ...]:
+        """What was recorded and not taken yet (a snapshot; :meth:`take` removes them)."""
+        return tuple(self._records)
 
     def take(self) -> list[Record]:
         """The records of the last forward (in call order), removed from the recorder."""
