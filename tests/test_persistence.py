@@ -813,3 +813,13 @@ def test_huge_activations_do_not_overflow():
     big = x.clone()
     big[:, 1] *= 1e30  # squares overflow float32
     torch.testing.assert_close(correlation_deaths(big).deaths, correlation_deaths(x).deaths, rtol=0, atol=1e-5)
+
+
+def test_first_sample_outlier_still_centred_accurately():
+    """Shifted by an outlying first sample, the mean dominates the spread: those rows take the two-pass path."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4096, 12, generator=g)
+    x[0, :6] = 1e4  # the shift: mean of x - x0 ~ -1e4, deviation ~ 160
+    d32 = correlation_deaths(x).deaths
+    d64 = correlation_deaths(x.double()).deaths
+    assert float((d32.double() - d64).abs().max()) < 1e-5

@@ -49,7 +49,7 @@ from typing import Optional
 import torch
 
 from ._kernels import mst_edges, mst_edges_many
-from .correlation import _SAFE_NORM, NonFiniteActivationsError, constant_rows, gram_rows
+from .correlation import _SAFE_NORM, NonFiniteActivationsError, constant_rows, gram_rows, norm_in_float32_range
 
 LAYOUTS = ("rows", "channel")
 
@@ -65,16 +65,26 @@ def layout_shape(x: torch.Tensor, layout: str) -> tuple[int, int]:
     return x.shape[0], x.shape[1]
 
 
-def _neuron_major(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """A new (n, R) buffer holding the activations neuron by neuron, in the statistics dtype."""
+def _shifted(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A new neuron-major (n, R) buffer holding ``x - x0`` (x0: every neuron's first sample) and x0 (n, 1).
+
+    The shift is exact in floating point for a large common offset, so the moments
+    below lose nothing to it. A channel map is read straight from its (B, C, *spatial)
+    layout with the shift in the same pass; a (R, n) matrix is transposed by torch's
+    blocked copy, then shifted in place (a fused strided subtraction was slower).
+    """
     R, n = layout_shape(x, layout)
-    zt = torch.empty((n, R), dtype=stat_dtype(x), device=x.device)
+    dt = stat_dtype(x)
+    zt = torch.empty((n, R), dtype=dt, device=x.device)
     if layout == "channel" and x.dim() > 2:
         B = x.shape[0]
-        zt.view(n, B, R // B).copy_(x.reshape(B, n, R // B).transpose(0, 1))
-    else:
-        zt.copy_(x.T)  # torch's blocked transpose: one read, one write
-    return zt
+        xv = x.reshape(B, n, R // B)
+        x0 = xv[0, :, :1].to(dt)
+        torch.sub(xv.transpose(0, 1), x0[:, None, :], out=zt.view(n, B, R // B))
+        return zt, x0
+    zt.copy_(x.T)
+    x0 = zt[:, :1].clone()
+    return zt.sub_(x0), x0
 
 
 def normalise(x: torch.Tensor, layout: str = "rows"):
@@ -82,16 +92,17 @@ def normalise(x: torch.Tensor, layout: str = "rows"):
 
     ``zt`` (n, R) in the statistics dtype; ``inv`` (n,) ``1 / ||x - mean||`` (0 for dead
     neurons); ``dead`` (n,) bool; ``finite`` a 0-dim bool (all activations finite).
+    Passes over the activations: the shifted copy, two reads for the moments, one
+    in-place ``z = x * inv - mean * inv``.
     """
-    zt = _neuron_major(x.detach(), layout)
+    zt, x0 = _shifted(x.detach(), layout)
     R = zt.shape[1]
     cpu = zt.device.type == "cpu"
-    # accelerators accumulate in float64 (cast on load, no copy; no fix-up that would
-    # synchronise); the CPU accumulates in the data's dtype and fixes the rare rows after
+    # accelerators accumulate in float64 (cast on load; no fix-up that would synchronise),
+    # the CPU in the data's dtype (a float64 accumulation copies there) and fixes rare rows after
     acc = zt.dtype if cpu else torch.float64
-    x0 = zt[:, :1].clone()
-    zt.sub_(x0)  # exact for a large common offset: the mean below is then accurate
     s1 = zt.sum(dim=1, keepdim=True, dtype=acc)
+    ss = torch.linalg.vector_norm(zt, dim=1, keepdim=True, dtype=acc).square()
     finite = torch.isfinite(s1).all()  # NaN and inf propagate into the sums
     if cpu and not bool(finite) and bool(torch.isfinite(zt).all()):  # finite, but the sum overflowed
         s1, finite = zt.sum(dim=1, keepdim=True, dtype=torch.float64), torch.ones((), dtype=torch.bool)
@@ -100,42 +111,48 @@ def normalise(x: torch.Tensor, layout: str = "rows"):
             "activations contain NaN or inf; the network diverged or its inputs are not finite "
             "(check the learning rate and the data) before computing correlations"
         )
+    s1, ss = s1.double(), ss.double()
     mean = s1 / R
-    zt.sub_(mean.to(zt.dtype) if cpu else mean)
-    norm = torch.linalg.vector_norm(zt, dim=1, keepdim=True, dtype=acc)
-    done = None
-    if cpu:
-        norm, done = _rescue(zt, norm, s1)
+    centred = ss - s1 * mean  # after the shift the mean is of the order of the spread: little cancels
+    norm = centred.clamp_min(0.0).sqrt()
+    done = _rescue(zt, norm, s1, ss, centred) if cpu else None
     level = (x0.to(norm.dtype) + mean).abs()
     dead = constant_rows(norm, level, R, zt.dtype)
     inv = torch.where(dead, 0.0, 1.0 / torch.where(dead, 1.0, norm))
-    factor = torch.where(dead, 0.0, inv if done is None else torch.where(done, 1.0, inv))
-    zt.mul_(factor)  # float64 arithmetic on accelerators
+    a = torch.where(dead, 0.0, inv if done is None else torch.where(done, 1.0, inv))
+    b = torch.where(dead, 0.0, -mean * inv if done is None else torch.where(done, 0.0, -mean * inv))
+    if cpu and zt.dtype != torch.float64 and norm_in_float32_range(a, dead):
+        a, b = a.to(zt.dtype), b.to(zt.dtype)  # float32 arithmetic where the factors allow it
+    torch.addcmul(b, zt, a, out=zt)  # (x - x0 - mean) / norm in one pass
     return zt, inv.reshape(-1).to(zt.dtype), dead.reshape(-1), finite
 
 
-def _rescue(zt: torch.Tensor, norm: torch.Tensor, s1: torch.Tensor):
-    """Rows whose norm under- or overflowed the data's dtype: scaled by a power of two, in float64.
+def _rescue(zt, norm, s1, ss, centred):
+    """Rows the one-pass moments cannot serve, normalised here in float64, two-pass and rescaled.
 
-    Correlation is scale-free, so a row of subnormal activations (a single 1e-40 in
-    float32) is normalised as it would be at scale 1. Returns the norms (float64
-    where rescued) and a mask of the rows normalised here already (None: none).
+    Those whose norm under- or overflows the data's dtype (correlation is scale-free:
+    a row holding one 1e-40 in float32 is normalised as it would be at scale 1) and
+    those whose mean dominates their spread (``ss - s1 * mean`` would cancel). Sets
+    their ``norm`` in place; returns the mask of the rows done (None: none).
     """
     lo, hi = _SAFE_NORM
-    bad = ((norm < lo) & ((norm > 0) | (s1 != 0))) | ~(norm <= hi)
+    bad = ((norm < lo) & ((norm > 0) | (s1 != 0))) | ~(norm <= hi) | (centred < ss * 2.0**-10)
+    bad &= (ss > 0) | (s1 != 0)  # not the rows that are exactly 0 after the shift (dead: nothing to do)
     if not bool(bad.any()):
-        return norm, None
+        return None
     idx = bad.reshape(-1).nonzero().reshape(-1)
     rows = zt.index_select(0, idx).double()
+    rows = rows - rows.mean(dim=1, keepdim=True)
     _, e = torch.frexp(rows.abs().amax(dim=1, keepdim=True))
     half = -(e // 2)  # two exact power-of-two steps: 2^-e alone can leave float64's range
     one = torch.ones((), dtype=torch.float64)
     rows = rows * torch.ldexp(one, half) * torch.ldexp(one, -e - half)
     rnorm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-    zt.index_copy_(0, idx, (rows / rnorm).to(zt.dtype))
-    true = (rnorm * torch.ldexp(one, -half) * torch.ldexp(one, e + half)).reshape(-1)
-    norm = norm.double().index_copy(0, idx, true[:, None])
-    return norm, bad
+    live = rnorm > 0
+    zt.index_copy_(0, idx, torch.where(live, rows / torch.where(live, rnorm, 1.0), 0.0).to(zt.dtype))
+    true = rnorm * torch.ldexp(one, -half) * torch.ldexp(one, e + half)
+    norm.index_copy_(0, idx, true)
+    return bad
 
 
 def _edge_corr(P: torch.Tensor, edges: torch.Tensor):
