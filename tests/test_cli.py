@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +168,23 @@ def test_train_single_run(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_train_counts_epochs_from_one_like_its_progress_lines(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "r.json"
+    assert main(["train", "--param", "hidden=[16]", "--max-epochs", "3", "--probe-batch", "32", "--lr", "0.05",
+                 "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    saved = json.loads(out.read_text())
+    assert [h["epoch"] for h in saved["history"]] == [1, 2, 3]
+    best = min(saved["history"], key=lambda h: h["val_loss"])
+    assert saved["best_epoch"] == best["epoch"] == json.loads(captured.out)["best_epoch"]
+    # the progress line of that epoch shows the same number and the same validation loss
+    line = next(x for x in captured.err.splitlines() if f": epoch {best['epoch']}/3 " in x)
+    assert f"val loss {best['val_loss']:.4f}" in line
+
+
+@pytest.mark.slow
 def test_train_without_a_terminal_prints_a_line_per_epoch(capsys):
     assert main(["train", "--network", "mlp", "--param", "hidden=[16]", "--max-epochs", "3", "--probe-batch", "32"]) == 0
     captured = capsys.readouterr()
@@ -235,3 +253,151 @@ def test_corrupt_database_is_refused_and_untouched(tmp_path, capsys):
     assert _digest(out) == before
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "no results database" in capsys.readouterr().err
+
+
+# -- failures are said, and named ---------------------------------------------------------------------
+
+ONE_SEED_TOML = TINY_TOML.replace("seeds = [0, 1, 2]", "seeds = [0]").replace("max_epochs = 2", "max_epochs = 1")
+
+
+@pytest.mark.slow
+def test_a_sweep_with_failed_runs_exits_1_and_names_them(tmp_path, capsys, monkeypatch):
+    import topodecorr.experiments.sweep as sweep_module
+
+    real = sweep_module.train_run
+
+    def flaky(spec, *args, **kwargs):
+        if spec.penalty == "t1":
+            raise RuntimeError("boom in the penalty")
+        if spec.penalty == "l2":  # a diverged run is a result, not a failure
+            return {"status": "diverged", "error": "non-finite loss at epoch 0", "history": [], "epochs": 1,
+                    "versions": {}}
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "train_run", flaky)
+    config = tmp_path / "one.toml"
+    config.write_text(ONE_SEED_TOML)
+    out = tmp_path / "out"
+    assert main(["sweep", str(config), "--out", str(out), "--workers", "1", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.endswith(
+        "topodecorr: error: 1 of 3 runs failed (an error, unlike a diverged run, which is a result):\n"
+        "  mlp t1 0.001 s0: RuntimeError: boom in the penalty\n"
+        f"Their tracebacks are in {out / 'results.sqlite'} (table runs, column error); run the same command "
+        "again to retry them.\n"), captured.err
+    assert "runs: 1 done, 1 diverged, 1 failed" in captured.out and (out / "report.md").exists()
+
+    # only diverged runs (the failed one retried and done now): a result, status 0
+    monkeypatch.setattr(sweep_module, "train_run",
+                        lambda spec, *a, **k: flaky(spec, *a, **k) if spec.penalty != "t1" else real(spec, *a, **k))
+    assert main(["sweep", str(config), "--out", str(out), "--workers", "1", "--quiet", "--no-report"]) == 0
+    assert "runs: 2 done, 1 diverged" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_keep_checkpoints_on_a_finished_sweep_says_nothing_was_rerun(finished, capsys):
+    config, out = finished
+    assert main(["sweep", str(config), "--out", str(out), "--quiet", "--keep-checkpoints", "--no-report"]) == 0
+    err = capsys.readouterr().err
+    assert ("topodecorr: note: --keep-checkpoints kept nothing: no run was re-run (every run of this sweep had "
+            "finished before); checkpoints are kept only for runs that train in this invocation (use a new --out "
+            "to train them again)\n") in err
+    assert not list((out / "checkpoints").glob("*.pt"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--workers", "-3"], "--workers: the number of worker processes must be 0 (one per CPU core) or more, got -3"),
+    (["--max-runs", "-1"], "--max-runs: the number of runs to start must be 1 or more, got -1 (leave the option out "
+                           "to run every run)"),
+    (["--max-runs", "0"], "--max-runs: the number of runs to start must be 1 or more, got 0"),
+    (["--stale-after", "0"], "--stale-after: seconds without heartbeat must be positive, got 0"),
+    (["--alpha", "1.5"], "--alpha: the significance level must lie in (0, 1), got 1.5"),
+])
+def test_nonsense_sweep_options_are_refused_before_anything_is_written(tmp_path, capsys, argv, message):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    out = tmp_path / "out"
+    assert main(["sweep", str(config), "--out", str(out), "--quiet", *argv]) == 2
+    assert capsys.readouterr().err.startswith(f"topodecorr: error: {message}")
+    assert not out.exists()
+
+
+def test_out_pointing_at_a_file_is_a_clear_error(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    target = tmp_path / "a-file"
+    target.write_text("keep me")
+    assert main(["sweep", str(config), "--out", str(target), "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"topodecorr: error: the output folder {target} is a file, not a folder; "
+                                       "choose another output folder\n")
+    assert target.read_text() == "keep me"
+
+
+def test_train_with_a_parameter_the_model_refuses_is_an_option_error(capsys):
+    assert main(["train", "--param", "hidden=oops", "--quiet"]) == 2
+    assert capsys.readouterr().err == ("topodecorr: error: --param: network 'mlp': hidden must be a sequence of "
+                                       "layer widths, got 'oops'\n")
+
+
+def test_a_network_that_cannot_be_built_is_refused_before_the_database_exists(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text(TINY_TOML.replace('networks = ["mlp"]',
+                                        'networks = [{ label = "odd", model = "mlp", params = { hidden = "..." } }]'))
+    out = tmp_path / "out"
+    assert main(["sweep", str(config), "--out", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        "topodecorr: error: network 'odd' (model 'mlp') cannot be built: network 'mlp': hidden must be a sequence "
+        "of layer widths, got '...'; fix the sweep file (nothing was written)\n")
+    assert not (out / "results.sqlite").exists() and not (out / "checkpoints").exists()
+
+
+def test_empty_database_file_is_refused_by_sweep_and_report(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.sqlite").write_bytes(b"")
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    for argv in (["sweep", str(config), "--out", str(out), "--quiet"], ["report", str(out)]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.startswith(
+            f"topodecorr: error: {out / 'results.sqlite'} is empty (0 bytes): it holds no results")
+    assert (out / "results.sqlite").read_bytes() == b""
+
+
+def test_read_only_places_are_named(tmp_path, capsys, monkeypatch):
+    """A read-only output folder, database file or checkpoints folder: what is not writable, and where
+    (simulated: root, which runs CI in containers, ignores permission bits)."""
+    import topodecorr.experiments.store as store_module
+    import topodecorr.experiments.sweep as sweep_module
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    out = tmp_path / "out"
+    from topodecorr.experiments.store import ResultStore
+
+    ResultStore(out / "results.sqlite").close()  # a healthy (empty) database
+    real = os.access
+
+    def deny(*paths):
+        blocked = {str(p) for p in paths}
+        fake = lambda p, mode, **kw: False if str(p) in blocked and mode & os.W_OK else real(p, mode, **kw)  # noqa: E731
+        monkeypatch.setattr(store_module.os, "access", fake)
+        monkeypatch.setattr(sweep_module.os, "access", fake)
+
+    cases = [
+        ((out,), f"the output folder {out} is read-only for this user; make it writable (chmod u+w {out}) or "
+                 "choose another output folder"),
+        ((out / "checkpoints",), f"the checkpoint folder {out / 'checkpoints'} is read-only for this user; make it "
+                                 f"writable (chmod u+w {out / 'checkpoints'}) or choose another with --checkpoint-dir"),
+        ((out / "results.sqlite",), f"{out / 'results.sqlite'} is read-only for this user: a sweep, a resume and a "
+                                    "report all write to it."),
+    ]
+    for paths, message in cases:
+        deny(*paths)
+        assert main(["sweep", str(config), "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"topodecorr: error: {message}"), err
+        assert "not a readable" not in err and "move it away" not in err
+    deny(out)
+    assert main(["report", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"topodecorr: error: the folder {out} is read-only for this user")

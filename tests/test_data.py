@@ -258,6 +258,33 @@ def test_download_fallback_is_used_and_its_failure_reported(tmp_path, monkeypatc
         load_dataset("mnist", data_dir=tmp_path / "empty", download=True)
 
 
+def test_cifar10_without_network_does_not_ask_to_install_an_installed_torchvision(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setenv("TOPODECORR_DATA", str(tmp_path / "cache"))
+    monkeypatch.setattr(D, "_torchvision_download",
+                        lambda name, root: "torchvision download into X failed: URLError: <urlopen error no route>")
+    real_find_spec = importlib.util.find_spec
+    for installed in (True, False):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda mod, *a: (real_find_spec("json") if installed else None) if mod == "torchvision"
+                            else real_find_spec(mod, *a))
+        with pytest.raises(DataError) as err:
+            load_dataset("cifar10", data_dir=tmp_path / "empty", download=True)
+        msg = str(err.value)
+        assert "download: torchvision download into X failed: URLError" in msg
+        if installed:  # the download itself failed: no advice to install what is there
+            assert "install torchvision" not in msg
+            assert msg.endswith("or run it where the internet can be reached: torchvision (installed) downloads the "
+                                "files itself, which failed here (see 'download' above); then copy the folder over.")
+        else:
+            assert msg.endswith("or install torchvision (matching your torch version) so that it can download "
+                                "the files.")
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    with pytest.raises(DataError, match=r"or allow the download \(download=True\), which torchvision"):
+        load_dataset("cifar10", data_dir=tmp_path / "empty", download=False)
+
+
 # -- real Fashion-MNIST (only where Debian's package is installed) --------------------------------
 
 

@@ -267,13 +267,29 @@ def test_cli_inspects_a_harness_checkpoint(harness_checkpoint, tmp_path, capsys)
 
 
 @pytest.mark.slow
+def test_cli_without_a_terminal_draws_no_bar_into_the_output(harness_checkpoint, tmp_path, capsys):
+    from topodecorr.experiments.cli import main
+
+    # no --quiet, but stderr is captured (a pipe, a log file): no bar, so no carriage return
+    assert main(["inspect", str(harness_checkpoint), "--out", str(tmp_path / "o"), "--samples", "100"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "\r" not in captured.out
+    assert captured.out.splitlines()[-1] == f"report: {tmp_path / 'o' / 'inspect.md'}"
+
+
+@pytest.mark.slow
 def test_cli_loads_pickled_modules_only_when_asked(tmp_path, capsys):
     from topodecorr.experiments.cli import main
 
     module = tmp_path / "module.pt"
     torch.save(nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)), module)
     assert main(["inspect", str(module), "--dataset", "digits", "--quiet", "--out", str(tmp_path / "a")]) == 2
-    assert "--unsafe-load" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # one whole sentence, no terminal colour codes, the refused class named
+    assert err == (f"topodecorr: error: {module} is not loadable with weights_only=True: it holds pickled objects "
+                   "(e.g. a whole nn.Module saved with torch.save(model), here "
+                   "torch.nn.modules.container.Sequential), and loading them runs code from the file. "
+                   "Pass --unsafe-load if you trust the file.\n")
     with pytest.warns(UserWarning, match="runs code"):
         assert main(["inspect", str(module), "--dataset", "digits", "--unsafe-load", "--quiet",
                      "--out", str(tmp_path / "b")]) == 0

@@ -147,3 +147,133 @@ def test_truncated_database_is_refused(tmp_path):
 def test_missing_database_without_create(tmp_path):
     with pytest.raises(StoreError, match="no results database"):
         ResultStore(tmp_path / "nope.sqlite", create=False)
+
+
+# -- empty files, permissions, durability ------------------------------------------------------------
+
+
+def test_empty_database_file_is_refused_not_started_over(tmp_path):
+    path = tmp_path / "results.sqlite"
+    path.write_bytes(b"")
+    for create in (True, False):
+        with pytest.raises(StoreError) as err:
+            ResultStore(path, create=create)
+        assert str(err.value) == (
+            f"{path} is empty (0 bytes): it holds no results, not even a sweep's tables (an interrupted copy, or "
+            "a full disk?). It was left untouched; restore it from a copy, or delete it to start the sweep afresh.")
+    assert path.read_bytes() == b"" and sorted(p.name for p in tmp_path.iterdir()) == ["results.sqlite"]
+
+
+def test_empty_main_file_whose_content_is_in_the_wal_opens(tmp_path):
+    # what a kill can leave: every page still in the write-ahead log, the main file not yet written
+    src, dst = tmp_path / "a", tmp_path / "b"
+    src.mkdir()
+    dst.mkdir()
+    script = (
+        "import os, sqlite3, sys\n"
+        "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "c.execute('PRAGMA journal_mode=WAL'); c.execute('PRAGMA wal_autocheckpoint=0')\n"
+        "c.execute('CREATE TABLE t (x)'); c.execute('INSERT INTO t VALUES (1)')\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(src / "x.sqlite")], check=True, timeout=60)
+    assert (src / "x.sqlite-wal").stat().st_size > 0
+    (dst / "r.sqlite").write_bytes(b"")
+    (dst / "r.sqlite-wal").write_bytes((src / "x.sqlite-wal").read_bytes())
+    with pytest.raises(StoreError, match="no topodecorr tables"):  # opened and read, not called empty
+        ResultStore(dst / "r.sqlite")
+
+
+def _read_only(monkeypatch, *paths):
+    """Make os.access in the store deny writing to ``paths`` (root ignores permission bits)."""
+    import topodecorr.experiments.store as store_module
+
+    real = os.access
+    denied = {str(p) for p in paths}
+    monkeypatch.setattr(store_module.os, "access",
+                        lambda p, mode, **kw: False if str(p) in denied and mode & os.W_OK else real(p, mode, **kw))
+
+
+def test_read_only_folder_and_file_are_named_not_called_corrupt(tmp_path, monkeypatch):
+    path = tmp_path / "results.sqlite"
+    _init(path).close()
+    before = path.read_bytes()
+    with monkeypatch.context() as m:
+        _read_only(m, tmp_path)
+        with pytest.raises(StoreError) as err:
+            ResultStore(path)
+    assert str(err.value) == (
+        f"the folder {tmp_path} is read-only for this user: the results database needs to write there (SQLite "
+        "keeps results.sqlite-wal and results.sqlite-shm next to results.sqlite). "
+        f"Make it writable (chmod u+w {tmp_path}), or copy the folder somewhere writable.")
+    with monkeypatch.context() as m:
+        _read_only(m, path)
+        with pytest.raises(StoreError) as err:
+            ResultStore(path, create=False)
+    assert str(err.value) == (
+        f"{path} is read-only for this user: a sweep, a resume and a report all write to it. "
+        f"Make it writable (chmod u+w {path}), or copy the folder somewhere writable.")
+    assert "not a readable" not in str(err.value) and path.read_bytes() == before
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a user whom permission bits bind")
+def test_real_read_only_folder_and_file(tmp_path):
+    path = tmp_path / "results.sqlite"
+    _init(path).close()
+    os.chmod(path, 0o444)
+    try:
+        with pytest.raises(StoreError, match="is read-only for this user: a sweep, a resume and a report"):
+            ResultStore(path)
+    finally:
+        os.chmod(path, 0o644)
+    os.chmod(tmp_path, 0o555)
+    try:
+        with pytest.raises(StoreError, match=f"the folder {tmp_path} is read-only for this user"):
+            ResultStore(path, create=False)
+    finally:
+        os.chmod(tmp_path, 0o755)
+
+
+_KILLED_WRITER = """
+import os, sys
+import numpy as np
+from topodecorr.experiments.config import parse_sweep
+from topodecorr.experiments.store import ResultStore
+cfg = parse_sweep({"dataset": "digits", "networks": ["mlp"], "penalties": ["none", "t1"], "weights": [0.1],
+                   "seeds": [0, 1]})
+store = ResultStore(sys.argv[1])
+store.init_sweep(cfg, [(key, {"key": list(key)}) for key in cfg.grid()], {"torch": "x"})
+row = store.claim()
+store.finish(row["id"], {"status": "done", "epochs": 1, "test_acc": 0.5, "versions": {},
+                         "history": [{"epoch": 0, "val_acc": 0.5}], "deaths": np.array([0.25], np.float32)})
+store.claim()  # a run in flight when the sweep is killed
+os._exit(9)   # killed: no close, no cleanup
+"""
+
+
+@pytest.mark.slow  # a process
+def test_a_killed_sweeps_database_file_alone_holds_its_finished_runs(tmp_path):
+    path = tmp_path / "results.sqlite"
+    subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(path)], timeout=120)
+    # copied without its -wal file (what a user copies, or a backup takes, after a crash)
+    copy = tmp_path / "copy.sqlite"
+    copy.write_bytes(path.read_bytes())
+    conn = sqlite3.connect(copy)
+    rows = conn.execute("SELECT status, test_acc FROM runs ORDER BY id").fetchall()
+    # the whole grid, and the finished run (the claim after it may or may not have reached the main file)
+    assert len(rows) == 4 and rows[0] == ("done", 0.5) and {r[0] for r in rows[1:]} <= {"pending", "running"}
+    assert conn.execute("SELECT deaths FROM deaths").fetchone()[0] == np.array([0.25], np.float32).tobytes()
+    conn.close()
+
+
+def test_close_and_open_fold_the_wal_into_the_main_file(tmp_path):
+    path = tmp_path / "results.sqlite"
+    store = _init(path)
+    for _ in range(3):
+        store.finish(store.claim()["id"], _result())
+    store.close()
+    wal = tmp_path / "results.sqlite-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    copy = tmp_path / "copy.sqlite"
+    copy.write_bytes(path.read_bytes())
+    assert sqlite3.connect(copy).execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 3

@@ -220,3 +220,65 @@ def test_sweep_penalties_resolve_in_the_registry():
     assert set(penalties.names()) <= set(PENALTIES)  # every registered penalty can be swept
     with pytest.raises(ConfigError, match="unknown penalty 't3'"):
         penalty_of("t3")
+
+
+# -- checkpoints that cannot be read or written ------------------------------------------------------
+
+
+def _truncated(path, data):
+    train_run(_spec(max_epochs=1), path, data=data)  # a real checkpoint, cut in half
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make,why", [
+    (lambda p, d: p.write_bytes(b""), "EOFError"),
+    (lambda p, d: p.write_bytes(b"\x00garbage" * 100), "UnpicklingError"),
+    (_truncated, "(?:OSError|RuntimeError)"),  # torch reads a cut zip archive one way or the other
+    (lambda p, d: torch.save({"model": {}}, p), "ValueError: not a run checkpoint: no identity, epoch"),
+], ids=["empty", "garbage", "truncated", "foreign"])
+def test_unreadable_checkpoint_is_set_aside_and_the_run_restarts(data, tmp_path, make, why):
+    path = tmp_path / "run.pt"
+    make(path, data)
+    before = path.read_bytes()
+    notes = []
+    res = train_run(_spec(max_epochs=2), path, data=data, log=notes.append)
+    assert res["status"] == "done" and res["resumed_from"] is None and res["epochs"] == 2
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.pt.unreadable-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == before  # renamed, never deleted
+    assert load_checkpoint(path)["epoch"] == 1  # the new run's own checkpoint
+    assert len(notes) == 1
+    assert re.fullmatch(rf"checkpoint {re.escape(str(path))} is unreadable \({why}[^)]*\); set aside as "
+                        rf"{re.escape(aside[0].name)}, and the run restarts from scratch", notes[0]), notes[0]
+    # the same result as a run that never met the bad file
+    fresh = train_run(_spec(max_epochs=2), data=data)
+    assert res["val_loss"] == pytest.approx(fresh["val_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_another_runs_checkpoint_is_set_aside_not_overwritten(data, tmp_path):
+    path = tmp_path / "run.pt"
+    train_run(_spec(seed=1, max_epochs=1), path, data=data)
+    before = path.read_bytes()
+    notes = []
+    res = train_run(_spec(seed=2, max_epochs=1), path, data=data, log=notes.append)
+    assert res["status"] == "done" and res["resumed_from"] is None
+    (aside,) = [p for p in tmp_path.iterdir() if ".other-run-" in p.name]
+    assert aside.read_bytes() == before
+    assert notes == [f"checkpoint {path} belongs to another run (another configuration); set aside as "
+                     f"{aside.name}, and this run starts from scratch"]
+
+
+def test_unwritable_checkpoint_names_the_file(data, tmp_path):
+    from topodecorr.experiments.train import CheckpointError
+    from topodecorr.experiments.store import StoreError
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the checkpoint folder should be")
+    path = blocker / "run.pt"
+    with pytest.raises(CheckpointError) as err:
+        train_run(_spec(max_epochs=1, probe_batch=8), path, data=_data(n=40))
+    assert str(err.value).startswith(f"cannot write the checkpoint {path}: ")
+    assert str(err.value).endswith(f"; make the folder {blocker} writable, or choose another place for the checkpoints")
+    assert isinstance(err.value, StoreError)  # the command line prints it as one line, status 2

@@ -9,8 +9,9 @@ Examples::
     topodecorr train --dataset digits --network mlp --penalty t1 --weight 0.01 --max-epochs 20
 
 Errors in the input (configuration, data, results folder) print one clear line
-and exit with status 2; an interrupted sweep exits with 130 and resumes when
-the same command is run again.
+and exit with status 2; a sweep in which some run failed (an error; a diverged
+run is a result) exits with status 1 and names the failed runs; an interrupted
+sweep exits with 130 and resumes when the same command is run again.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a single run", formatter_class=_Formatter,
                        description="Train one network with one penalty under the paper's protocol; "
-                                   "print (and optionally save) its result.")
+                                   "print (and optionally save) its result. Epochs count from 1 "
+                                   "(best_epoch, the history), as in the progress lines.")
     p.add_argument("--dataset", default="digits", choices=DATASETS, metavar="NAME",
                    help="dataset: " + " | ".join(DATASETS))
     p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the dataset's usual places)")
@@ -189,10 +191,38 @@ def _print_error(msg: str) -> None:
     print(f"topodecorr: error: {msg}", file=sys.stderr)
 
 
+def _check_sweep_options(args) -> None:
+    """Refuse option values that make no sense, before anything is read or written."""
+    if args.workers < 0:
+        raise ConfigError(f"--workers: the number of worker processes must be 0 (one per CPU core) or more, "
+                          f"got {args.workers}")
+    if args.max_runs is not None and args.max_runs < 1:
+        raise ConfigError(f"--max-runs: the number of runs to start must be 1 or more, got {args.max_runs} "
+                          "(leave the option out to run every run)")
+    if not args.stale_after > 0:
+        raise ConfigError(f"--stale-after: seconds without heartbeat must be positive, got {args.stale_after:g}")
+    if not 0 < args.alpha < 1:
+        raise ConfigError(f"--alpha: the significance level must lie in (0, 1), got {args.alpha:g}")
+
+
+def _say_failed(counts, out: Path) -> int:
+    """Name the failed runs on stderr; the exit status: 1 when some run failed, else 0."""
+    if not counts.failed:
+        return 0
+    total = sum(counts.values())
+    lines = [f"{len(counts.failed)} of {total} runs failed (an error, unlike a diverged run, which is a result):"]
+    lines += [f"  {label}: {error}" for label, error in counts.failed]
+    lines.append(f"Their tracebacks are in {out / 'results.sqlite'} (table runs, column error); "
+                 "run the same command again to retry them.")
+    _print_error("\n".join(lines))
+    return 1
+
+
 def _sweep(args, config, out: Path) -> int:
     from .report import write_report
     from .sweep import cpu_count, run_sweep
 
+    _check_sweep_options(args)
     workers = args.workers if args.workers > 0 else max(1, min(cpu_count(), len(config.grid())))
     executor = None
     if args.executor == "ray":
@@ -214,11 +244,16 @@ def _sweep(args, config, out: Path) -> int:
             executor.shutdown()
     elapsed = time.perf_counter() - t0
     print(f"runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + f" ({elapsed:.1f} s, {workers} worker(s))")
+    if args.keep_checkpoints and counts.ran == 0:
+        print("topodecorr: note: --keep-checkpoints kept nothing: no run was re-run (every run of this sweep had "
+              "finished before); checkpoints are kept only for runs that train in this invocation "
+              "(use a new --out to train them again)", file=sys.stderr)
     if not args.no_report:
         path, table = write_report(out, alpha=args.alpha)
         print(table)
         print(f"report: {path}")
-    return 0
+    sys.stdout.flush()
+    return _say_failed(counts, out)
 
 
 def _as_option(message: str) -> str:
@@ -250,6 +285,7 @@ def _cmd_train(args) -> int:
         )
     except ConfigError as exc:
         raise ConfigError(_as_option(str(exc))) from None
+    _build_or_refuse(spec)
     from . import ddp
     from .train import train_run
 
@@ -269,6 +305,7 @@ def _cmd_train(args) -> int:
             return ddp.leave(0 if result["status"] == "done" else 1)
     else:
         result = train_run(spec, args.checkpoint, progress=not args.quiet)
+    _count_epochs_from_one(result)
     shown = {k: result.get(k) for k in ("status", "epochs", "best_epoch", "train_loss", "val_loss", "val_acc",
                                          "test_loss", "test_acc", "wall_s", "error")}
     print(json.dumps(shown, indent=2))
@@ -281,6 +318,28 @@ def _cmd_train(args) -> int:
         Path(args.output).write_text(json.dumps(payload, indent=2, default=float) + "\n")
     status = 0 if result["status"] == "done" else 1
     return status if ctx is None else ddp.leave(status)
+
+
+def _count_epochs_from_one(result: dict) -> None:
+    """Number the epochs of ``train``'s output from 1, as its progress lines do ("epoch 3/3"):
+    ``best_epoch`` and the ``epoch`` of every history record (the results database, like
+    :func:`~topodecorr.experiments.train.train_run`, keeps the 0-based index)."""
+    if result.get("best_epoch") is not None:
+        result["best_epoch"] = int(result["best_epoch"]) + 1
+    result["history"] = [{**h, "epoch": int(h["epoch"]) + 1} for h in result.get("history", [])]
+
+
+def _build_or_refuse(spec) -> None:
+    """Build the network once for the dataset (read here, cached for the run): a parameter
+    the model refuses is an option error before any training."""
+    from .models import build_model
+    from .train import cached_dataset
+
+    data = cached_dataset(spec.dataset, spec.data_dir, spec.split_seed, float(spec.val_fraction))
+    try:
+        build_model(spec.model, data.input_shape, data.num_classes, **dict(spec.model_params))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"--param: {exc}") from None
 
 
 def _cmd_report(args) -> int:
@@ -308,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``topodecorr`` script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .store import StoreError
+    from .store import StoreError  # also the train module's CheckpointError
 
     try:
         from .data import DataError

@@ -398,20 +398,19 @@ _HOW_TO_GET = {
     "mnist": (
         "put the four MNIST IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
         "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; plain or .gz) from Yann LeCun's MNIST page in a "
-        "directory and pass it as data_dir (--data-dir), or install torchvision so they can be downloaded"
+        "directory and pass it as data_dir (--data-dir)"
     ),
     "fashion-mnist": (
         "run `make data` in the repository (it installs the Debian/Ubuntu package dataset-fashion-mnist, "
         "or prints the apt-get command to run as root), "
         "or put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
         "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from Zalando Research's fashion-mnist "
-        "repository on GitHub in a directory and pass it as data_dir (--data-dir), or install torchvision "
-        "so they can be downloaded"
+        "repository on GitHub in a directory and pass it as data_dir (--data-dir)"
     ),
     "cifar10": (
         "download the 'CIFAR-10 python version' archive from Alex Krizhevsky's CIFAR page (University of "
         "Toronto), extract it (it holds cifar-10-batches-py/ with data_batch_1..5 and test_batch) and pass "
-        "the directory as data_dir (--data-dir), or install torchvision so it can be downloaded"
+        "the directory as data_dir (--data-dir)"
     ),
 }
 
@@ -422,8 +421,20 @@ def _missing(name: str, looked: list[Path], notes: list[str], download_note: str
     lines += [f"  note: {n}" for n in notes]
     if download_note:
         lines.append(f"  download: {download_note}")
-    lines.append(f"To get it: {_HOW_TO_GET[name]}.")
+    lines.append(f"To get it: {_HOW_TO_GET[name]}, {_download_advice(download_note)}.")
     return DataError("\n".join(lines))
+
+
+def _download_advice(download_note: str | None) -> str:
+    """The last way to get a dataset, torchvision's download, worded for what happened to it."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return "or install torchvision (matching your torch version) so that it can download the files"
+    if download_note is not None and download_note.startswith("not attempted"):
+        return "or allow the download (download=True), which torchvision (installed) does itself"
+    return ("or run it where the internet can be reached: torchvision (installed) downloads the files itself, "
+            "which failed here (see 'download' above); then copy the folder over")
 
 
 def _load_idx_dataset(name: str, data_dir, download: bool):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -63,6 +64,12 @@ def add_parser(sub, formatter_class=argparse.HelpFormatter) -> argparse.Argument
     return p
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
 def load_model(path: str | Path, *, weights: str = "best", unsafe: bool = False):
     """Read a model file: ``(module, None)`` for a pickled nn.Module, ``(RunSpec, state_dict)`` for a
     harness run checkpoint; :class:`ConfigError` with what to do otherwise."""
@@ -76,12 +83,14 @@ def load_model(path: str | Path, *, weights: str = "best", unsafe: bool = False)
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only load failed" not in str(exc).lower() or not zipfile.is_zipfile(path):
-            raise ConfigError(f"{path} is not a file torch.load can read: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"{path} is not a file torch.load can read: {_first_line(exc)}") from None
         if not unsafe:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            named = f", here {found.group(1)}" if found else ""
             raise ConfigError(
-                f"{path} is not loadable with weights_only=True (it holds pickled objects, e.g. a whole "
-                "nn.Module saved with torch.save(model)); loading it runs code from the file: pass "
-                f"--unsafe-load if you trust it. ({str(exc).splitlines()[0]})"
+                f"{path} is not loadable with weights_only=True: it holds pickled objects (e.g. a whole "
+                f"nn.Module saved with torch.save(model){named}), and loading them runs code from the file. "
+                "Pass --unsafe-load if you trust the file."
             ) from None
         warnings.warn(
             f"loading {path} with weights_only=False (--unsafe-load): this runs code from the file",
@@ -92,7 +101,7 @@ def load_model(path: str | Path, *, weights: str = "best", unsafe: bool = False)
         except Exception as exc2:  # noqa: BLE001 - whatever the unpickled code raised
             raise ConfigError(f"{path}: torch.load failed ({type(exc2).__name__}: {exc2})") from None
     except Exception as exc:  # a corrupt or foreign file fails in many ways (KeyError, EOFError, ...)
-        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        why = _first_line(exc) or type(exc).__name__
         raise ConfigError(f"{path} is not a file torch.load can read ({type(exc).__name__}: {why})") from None
     if isinstance(obj, nn.Module):
         return obj, None
@@ -159,7 +168,8 @@ def run(args) -> int:
     if not args.quiet:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"inspect {data.name} {args.split}", unit="batch", leave=False)
+        # a bar on a terminal only: piped or logged, its carriage returns would run into the output
+        batches = tqdm(batches, desc=f"inspect {data.name} {args.split}", unit="batch", leave=False, disable=None)
     try:
         report = topodecorr.inspect(model, batches, layers=args.layers or "auto", mode=args.mode, k=args.pairs)
     except (ValueError, TypeError) as exc:

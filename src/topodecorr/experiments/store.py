@@ -25,8 +25,18 @@ in the local executor; workers only compute and return results. A ``running`` ro
 owner died (same host and its pid gone, or no heartbeat for ``stale_after`` seconds) is
 put back to ``pending`` by :meth:`ResultStore.reclaim_stale`.
 
-A file that is not a readable topodecorr results database raises :class:`StoreError`
-and is never modified.
+A file that is not a readable topodecorr results database (corrupt, foreign, empty)
+raises :class:`StoreError` and is never modified; so does a database in a read-only file
+or folder (the message says which).
+
+Durability
+----------
+SQLite's write-ahead log (``results.sqlite-wal``) holds recent commits until they are
+checkpointed into ``results.sqlite``. The store checkpoints when it opens a database (a
+killed sweep's log), after the grid is written, after every finished run and when it
+closes: ``results.sqlite`` alone holds every finished run, except while another process
+keeps the log busy. To copy a database while a sweep writes to it, copy the three files
+``results.sqlite``, ``-wal`` and ``-shm`` together (or ``sqlite3 results.sqlite ".backup copy.sqlite"``).
 """
 
 from __future__ import annotations
@@ -164,13 +174,18 @@ class ResultStore:
 
     def __init__(self, path: str | Path, create: bool = True) -> None:
         self.path = Path(path)
-        exists = self.path.exists() and self.path.stat().st_size > 0
+        exists = self._existing()
         if not exists and not create:
             raise StoreError(f"no results database at {self.path}; run a sweep into that folder first")
-        if exists:
-            self._check_header()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if exists and self.path.stat().st_size > 0:
+            self._check_header()  # (a database whose content is still all in its -wal has no header yet)
+        elif not exists:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the folder {self.path.parent}: {exc.strerror or exc}; "
+                                 "choose an output folder you can write to") from None
+        self._check_writable(exists)
         try:
             self.conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
             self.conn.row_factory = sqlite3.Row
@@ -181,7 +196,12 @@ class ResultStore:
             self.conn.execute("PRAGMA foreign_keys=ON")
             if not exists:
                 self._create_schema()
+            self.checkpoint()  # a killed sweep's WAL goes into the main file now
         except sqlite3.DatabaseError as exc:
+            self._check_writable(exists)  # a permission problem seen only by SQLite (e.g. a read-only mount)
+            if "readonly" in str(exc) or "unable to open" in str(exc):
+                raise StoreError(f"cannot write to {self.path} ({exc}); check that the file and its folder "
+                                 "are writable, or choose another output folder") from None
             raise StoreError(self._corrupt_message(str(exc))) from None
 
     # -- opening and checking ------------------------------------------------------------
@@ -191,6 +211,53 @@ class ResultStore:
             f"{self.path} is not a readable topodecorr results database ({why}). "
             "It was left untouched; move it away or choose another output folder."
         )
+
+    def _existing(self) -> bool:
+        """Whether the database exists; an empty file (with no WAL holding its content) is refused."""
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a folder, not a results database; move it away or choose "
+                             "another output folder")
+        if not self.path.exists():
+            return False
+        wal = self.path.with_name(self.path.name + "-wal")
+        if self.path.stat().st_size == 0 and not (wal.exists() and wal.stat().st_size > 0):
+            raise StoreError(
+                f"{self.path} is empty (0 bytes): it holds no results, not even a sweep's tables (an interrupted "
+                "copy, or a full disk?). It was left untouched; restore it from a copy, or delete it to start the "
+                "sweep afresh."
+            )
+        return True
+
+    def _check_writable(self, exists: bool) -> None:
+        """Raise :class:`StoreError` naming what is read-only: the folder or the database file.
+
+        Every use writes: a sweep its results, a report or resume at least the WAL checkpoint,
+        and SQLite keeps ``results.sqlite-wal`` and ``-shm`` next to the database.
+        """
+        folder = self.path.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(
+                f"the folder {folder} is read-only for this user: the results database needs to write there "
+                f"(SQLite keeps {self.path.name}-wal and {self.path.name}-shm next to {self.path.name}). "
+                f"Make it writable (chmod u+w {folder}), or copy the folder somewhere writable."
+            )
+        if exists and not os.access(self.path, os.W_OK):
+            raise StoreError(
+                f"{self.path} is read-only for this user: a sweep, a resume and a report all write to it. "
+                f"Make it writable (chmod u+w {self.path}), or copy the folder somewhere writable."
+            )
+
+    def checkpoint(self, mode: str = "TRUNCATE") -> None:
+        """Copy the write-ahead log into the main file (``PRAGMA wal_checkpoint``).
+
+        After it, ``results.sqlite`` alone holds every committed result. ``TRUNCATE`` also
+        empties the ``-wal`` file; ``PASSIVE`` never waits for other connections. A busy
+        database (another process reading or writing) is checkpointed as far as it allows.
+        """
+        try:
+            self.conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+        except sqlite3.OperationalError:  # busy or read-only: the WAL stays valid as it is
+            pass
 
     def _check_header(self) -> None:
         try:
@@ -244,6 +311,8 @@ class ResultStore:
         return ResultStore._Tx(self.conn)
 
     def close(self) -> None:
+        """Checkpoint the WAL into the main file and close."""
+        self.checkpoint()
         self.conn.close()
 
     def __enter__(self) -> "ResultStore":
@@ -323,6 +392,7 @@ class ResultStore:
                     (network, penalty, float(weight), int(seed), json.dumps(cfg, sort_keys=True)),
                 )
                 added += cur.rowcount
+        self.checkpoint("PASSIVE")  # the tables and the grid are in the main file from the start
         return added
 
     # -- the run life cycle -----------------------------------------------------------------
@@ -439,6 +509,7 @@ class ResultStore:
             if corr is not None:
                 arr = np.ascontiguousarray(np.asarray(corr, dtype=np.float16))
                 c.execute("INSERT INTO correlations VALUES (?, ?, ?)", (run_id, int(arr.shape[0]), arr.tobytes()))
+        self.checkpoint("PASSIVE")  # a copy of results.sqlite alone holds every finished run
 
     # -- reading ------------------------------------------------------------------------------
 

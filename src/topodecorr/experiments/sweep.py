@@ -36,8 +36,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Callable, Protocol
 
-from .config import SweepConfig
-from .store import DB_NAME, FINISHED, ResultStore
+from .config import ConfigError, SweepConfig
+from .store import DB_NAME, FINISHED, ResultStore, StoreError
 from .train import RunSpec, cached_dataset, software_versions, train_run
 
 __all__ = [
@@ -50,6 +50,8 @@ __all__ = [
     "run_specs",
     "run_sweep",
     "cpu_count",
+    "SweepCounts",
+    "build_networks",
 ]
 
 
@@ -222,8 +224,9 @@ def run_sweep(
     max_runs: int | None = None,
     log: Callable[[str], None] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
-) -> dict[str, int]:
-    """Run (or resume) a sweep into ``out_dir``; return the run counts by status.
+) -> "SweepCounts":
+    """Run (or resume) a sweep into ``out_dir``; return the run counts by status
+    (a :class:`SweepCounts`, which also names the failed runs).
 
     Parameters
     ----------
@@ -255,90 +258,195 @@ def run_sweep(
             print(msg, file=sys.stderr, flush=True)
 
     config.validate_names()
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if max_runs is not None and max_runs < 1:
+        raise ValueError(f"max_runs must be >= 1 (or None: every run), got {max_runs}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out / "checkpoints"
+    _writable_folder(out, "output folder", "choose another output folder")
     # fail fast (clear error, nothing written to the runs) when the data cannot be read
     data = cached_dataset(config.dataset, config.data_dir, config.split_seed, float(config.val_fraction))
+    build_networks(config, data)  # ... or a network cannot be built
+    _writable_folder(ckpt_dir, "checkpoint folder", "choose another with --checkpoint-dir")
     store = ResultStore(out / DB_NAME)
     try:
-        specs = run_specs(config, store.runs() if config.stages is not None else None)
-        added = store.init_sweep(config, [(s.key, s.to_dict()) for s in specs], software_versions())
-        store.set_meta("data", json.dumps({"source": str(data.source), "sizes": dict(data.sizes),
-                                           "input_shape": list(data.input_shape), "num_classes": data.num_classes}))
-        (out / "sweep.json").write_text(json.dumps(store.sweep_config(), indent=2, sort_keys=True) + "\n")
-        reclaimed = store.reclaim_stale(stale_after)
-        retried = store.reset_failed()
-        counts = store.counts()
-        total = sum(counts.values())
-        finished = sum(counts[s] for s in FINISHED)
-        log(
-            f"sweep {config.name!r}: {total} runs, {finished} finished, {added} new"
-            + (f", {reclaimed} reclaimed from a dead worker" if reclaimed else "")
-            + (f", {retried} failed runs retried" if retried else "")
-            + f" -> {out / DB_NAME}"
-        )
+        total, finished = _prepare(store, config, data, out, stale_after, log)
         if executor is None:
             executor = InlineExecutor(progress=progress) if workers == 1 else LocalExecutor(workers)
-        bar = None
+        shown = _RunProgress(total, finished, progress, log)
+        try:
+            claimed = _drive(store, executor, ckpt_dir, shown, max_runs, heartbeat_s, keep_checkpoints)
+        finally:
+            shown.close()
+        executor.shutdown()
+        return SweepCounts(store.counts(), ran=claimed, failed=[
+            (_label(r), (r["error"] or "").split("\n")[0]) for r in store.runs("failed")
+        ])
+    finally:
+        store.close()  # checkpoints the WAL: results.sqlite alone is the whole of the results
+
+
+def _drive(store: ResultStore, executor: Executor, ckpt_dir: Path, shown: "_RunProgress", max_runs: int | None,
+           heartbeat_s: float, keep_checkpoints: bool) -> int:
+    """Claim, submit and store runs until none is pending (or ``max_runs`` were claimed);
+    returns the number claimed. Interrupted, it hands its runs back and stops the executor."""
+    in_flight: dict[Future, int] = {}
+    claimed = 0
+    try:
+        while True:
+            while len(in_flight) < executor.capacity and (max_runs is None or claimed < max_runs):
+                row = store.claim()
+                if row is None:
+                    break
+                claimed += 1
+                if hasattr(executor, "on_epoch"):
+                    executor.on_epoch = _heartbeat_hook(store, row["id"], heartbeat_s)
+                fut = executor.submit(json.loads(row["config"]), str(ckpt_dir))
+                in_flight[fut] = row["id"]
+            if not in_flight:
+                return claimed
+            done, _ = wait(list(in_flight), timeout=heartbeat_s, return_when=FIRST_COMPLETED)
+            store.heartbeat(in_flight.values())
+            for fut in done:
+                run_id = in_flight.pop(fut)
+                try:
+                    result = fut.result()
+                except Exception as exc:
+                    result = _failure(exc)
+                _store_result(store, run_id, result, ckpt_dir, keep_checkpoints, shown)
+    except BaseException:
+        # interrupted (Ctrl-C, SIGTERM): hand our runs back; their checkpoints stay
+        store.release(in_flight.values())
+        executor.shutdown(cancel=True)
+        raise
+
+
+def _label(run) -> str:
+    """``network penalty weight sSEED`` of a run row or spec."""
+    get = run.__getitem__ if isinstance(run, dict) else lambda k: getattr(run, k)
+    return f"{get('network')} {get('penalty')} {get('weight'):g} s{get('seed')}"
+
+
+def _prepare(store: ResultStore, config: SweepConfig, data, out: Path, stale_after: float,
+             log: Callable[[str], None]) -> tuple[int, int]:
+    """Record the sweep and its runs, put back the runs of dead workers and the failed ones,
+    say so; returns (number of runs, number finished)."""
+    specs = run_specs(config, store.runs() if config.stages is not None else None)
+    added = store.init_sweep(config, [(s.key, s.to_dict()) for s in specs], software_versions())
+    store.set_meta("data", json.dumps({"source": str(data.source), "sizes": dict(data.sizes),
+                                       "input_shape": list(data.input_shape), "num_classes": data.num_classes}))
+    (out / "sweep.json").write_text(json.dumps(store.sweep_config(), indent=2, sort_keys=True) + "\n")
+    reclaimed = store.reclaim_stale(stale_after)
+    retried = store.reset_failed()
+    counts = store.counts()
+    total = sum(counts.values())
+    finished = sum(counts[s] for s in FINISHED)
+    log(
+        f"sweep {config.name!r}: {total} runs, {finished} finished, {added} new"
+        + (f", {reclaimed} reclaimed from a dead worker" if reclaimed else "")
+        + (f", {retried} failed runs retried" if retried else "")
+        + f" -> {out / DB_NAME}"
+    )
+    return total, finished
+
+
+def _store_result(store: ResultStore, run_id: int, result: dict, ckpt_dir: Path, keep_checkpoints: bool,
+                  shown: "_RunProgress") -> None:
+    """Write one run's result, drop its checkpoint once finished, show it."""
+    store.finish(run_id, result)
+    row = store.conn.execute("SELECT config FROM runs WHERE id=?", (run_id,)).fetchone()
+    spec = RunSpec.from_dict(json.loads(row[0]))
+    if result["status"] in FINISHED and not keep_checkpoints:
+        (ckpt_dir / checkpoint_name(spec)).unlink(missing_ok=True)
+    if result["status"] == "failed":
+        shown.log(f"run {spec.key} failed: {result['error'].splitlines()[0]}")
+    acc = result.get("test_acc")
+    shown.update(
+        f"{_label(spec)}: {result['status']}"
+        + (f" test {acc:.3f}" if acc is not None else "")
+        + (f" ({result.get('epochs')} epochs)" if result.get("epochs") is not None else "")
+    )
+
+
+class _RunProgress:
+    """A sweep's progress: a bar of runs on a terminal, else one line per finished run
+    (with ``progress``); messages printed while the bar is up go above it."""
+
+    def __init__(self, total: int, finished: int, progress: bool, log: Callable[[str], None]) -> None:
+        self.total, self.finished, self.progress, self._log = total, finished, progress, log
+        self.bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, initial=finished, desc="runs", unit="run", disable=None, dynamic_ncols=True)
-        in_flight: dict[Future, int] = {}
-        claimed = 0
+            self.bar = None if bar.disable else bar
+
+    def log(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.clear()
+            self._log(msg)
+            self.bar.refresh()
+        else:
+            self._log(msg)
+
+    def update(self, line: str) -> None:
+        self.finished += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(line, refresh=False)
+        elif self.progress:  # no terminal (CI, a log file): one line per finished run
+            self._log(f"[{self.finished}/{self.total}] {line}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class SweepCounts(dict):
+    """Run counts by status (a dict), plus what this invocation did.
+
+    Attributes
+    ----------
+    ran : int
+        Runs started by this invocation (0: every run had finished before).
+    failed : list of (str, str)
+        The failed runs, as ``("network penalty weight sSEED", first line of the error)``.
+    """
+
+    def __init__(self, counts: dict[str, int], ran: int = 0, failed: list | None = None) -> None:
+        super().__init__(counts)
+        self.ran = ran
+        self.failed = list(failed or [])
+
+
+def _writable_folder(folder: Path, what: str, remedy: str) -> None:
+    """Create ``folder`` if needed; raise :class:`StoreError` unless this user can write in it."""
+    if folder.exists() and not folder.is_dir():
+        raise StoreError(f"the {what} {folder} is a file, not a folder; {remedy}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the {what} {folder}: {exc.strerror or exc}; {remedy}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise StoreError(f"the {what} {folder} is read-only for this user; make it writable "
+                         f"(chmod u+w {folder}) or {remedy}")
+
+
+def build_networks(config: SweepConfig, data) -> None:
+    """Build every network of the sweep once, for ``data``'s input shape and classes.
+
+    A parameter the model refuses (``hidden = "oops"``) is a :class:`ConfigError` naming
+    the network, raised before the results database is created or touched.
+    """
+    from .models import build_model
+
+    for net in config.networks:
         try:
-            while True:
-                while len(in_flight) < executor.capacity and (max_runs is None or claimed < max_runs):
-                    row = store.claim()
-                    if row is None:
-                        break
-                    claimed += 1
-                    if hasattr(executor, "on_epoch"):
-                        executor.on_epoch = _heartbeat_hook(store, row["id"], heartbeat_s)
-                    fut = executor.submit(json.loads(row["config"]), str(ckpt_dir))
-                    in_flight[fut] = row["id"]
-                if not in_flight:
-                    break
-                done, _ = wait(list(in_flight), timeout=heartbeat_s, return_when=FIRST_COMPLETED)
-                store.heartbeat(in_flight.values())
-                for fut in done:
-                    run_id = in_flight.pop(fut)
-                    try:
-                        result = fut.result()
-                    except Exception as exc:
-                        result = _failure(exc)
-                    store.finish(run_id, result)
-                    row = store.conn.execute("SELECT config FROM runs WHERE id=?", (run_id,)).fetchone()
-                    spec = RunSpec.from_dict(json.loads(row[0]))
-                    if result["status"] in FINISHED and not keep_checkpoints:
-                        (ckpt_dir / checkpoint_name(spec)).unlink(missing_ok=True)
-                    if result["status"] == "failed":
-                        log(f"run {spec.key} failed: {result['error'].splitlines()[0]}")
-                    finished += 1
-                    acc = result.get("test_acc")
-                    line = (
-                        f"{spec.network} {spec.penalty} {spec.weight:g} s{spec.seed}: {result['status']}"
-                        + (f" test {acc:.3f}" if acc is not None else "")
-                        + (f" ({result.get('epochs')} epochs)" if result.get("epochs") is not None else "")
-                    )
-                    if bar is not None and not bar.disable:
-                        bar.update(1)
-                        bar.set_postfix_str(line, refresh=False)
-                    elif progress:  # no terminal (CI, a log file): one line per finished run
-                        log(f"[{finished}/{total}] {line}")
-        except BaseException:
-            # interrupted (Ctrl-C, SIGTERM): hand our runs back; their checkpoints stay
-            store.release(in_flight.values())
-            executor.shutdown(cancel=True)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        executor.shutdown()
-        return store.counts()
-    finally:
-        store.close()
+            build_model(net.model, data.input_shape, data.num_classes, **net.kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"network {net.label!r} (model {net.model!r}) cannot be built: {exc}; "
+                              "fix the sweep file (nothing was written)") from None
 
 
 def _heartbeat_hook(store: ResultStore, run_id: int, every: float) -> Callable[[dict], None]:

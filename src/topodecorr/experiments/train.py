@@ -56,8 +56,10 @@ from topodecorr.penalties import Penalty
 from topodecorr.sampling import select_neurons
 
 from .config import PENALTIES, PENALTY_VARIANTS, ConfigError, TrainConfig
+from .store import StoreError
 
 __all__ = [
+    "CheckpointError",
     "RunSpec",
     "train_run",
     "penalty_of",
@@ -275,11 +277,65 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(Path(path), map_location=map_location, weights_only=True)
 
 
+class CheckpointError(StoreError):
+    """A run checkpoint cannot be written (the message names the file and the reason)."""
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill leaves the old or the new checkpoint, never half of one
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:  # opened here, so that a refusal names the file
+            torch.save(state, fh)
+        os.replace(tmp, path)  # atomic: a kill leaves the old or the new checkpoint, never half of one
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"cannot write the checkpoint {path}: {exc.strerror or exc}; make the folder {path.parent} "
+            "writable, or choose another place for the checkpoints"
+        ) from None
+
+
+#: The keys of a run checkpoint (see ``_Run.save``).
+_CHECKPOINT_KEYS = ("identity", "epoch", "model", "optimizer", "scheduler", "rng", "history", "best")
+
+
+def _read_checkpoint(path: Path, device: torch.device, set_aside: bool, log: Callable[[str], None]) -> dict | None:
+    """The checkpoint at ``path``, or None when it is missing or unreadable.
+
+    An unreadable checkpoint (empty, truncated, garbage, or not a run's) is set aside,
+    renamed and never deleted (by the process that writes checkpoints: ``set_aside``),
+    and the run restarts from scratch; ``log`` says so, naming both files.
+    """
+    if not path.exists():
+        return None
+    try:
+        state = load_checkpoint(path, map_location=device)
+        missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise ValueError(f"not a run checkpoint: no {', '.join(missing)}")
+        return state
+    except FileNotFoundError:  # set aside meanwhile by the rank that writes checkpoints
+        return None
+    except Exception as exc:  # torch.load raises EOFError, RuntimeError, UnpicklingError, ... on a bad file
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+        if set_aside:
+            aside = _set_aside(path, "unreadable")
+            log(f"checkpoint {path} is unreadable ({why}); set aside as {aside.name}, and the run restarts "
+                "from scratch")
+        return None
+
+
+def _set_aside(path: Path, why: str) -> Path:
+    """Rename ``path`` to ``path.WHY-YYYYmmdd-HHMMSS[-k]`` (a name not taken yet) and return it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(1000):
+        aside = path.with_name(f"{path.name}.{why}-{stamp}" + (f"-{k}" if k else ""))
+        if not aside.exists():
+            os.replace(path, aside)
+            return aside
+    raise CheckpointError(f"cannot set {path} aside: too many set-aside copies next to it; remove some")
 
 
 def _rng_state(gen: torch.Generator, device: torch.device) -> dict:
@@ -424,13 +480,20 @@ class _Run:
 
     # -- the steps --------------------------------------------------------------------------
 
-    def resume(self, path: Path | None) -> None:
-        """Continue from the checkpoint at ``path`` when it exists and belongs to this run."""
-        if path is None or not path.exists():
+    def resume(self, path: Path | None, log: Callable[[str], None]) -> None:
+        """Continue from the checkpoint at ``path`` when it exists and belongs to this run; one that
+        cannot be read, or belongs to another run, is set aside (renamed) and the run starts afresh."""
+        if path is None:
             return
-        state = load_checkpoint(path, map_location=self.ctx.device)
-        if state.get("identity") != self.identity:
-            return  # another run's checkpoint: start afresh
+        state = _read_checkpoint(path, self.ctx.device, self.ctx.is_main, log)
+        if state is None:
+            return
+        if state["identity"] != self.identity:
+            if self.ctx.is_main:
+                aside = _set_aside(path, "other-run")
+                log(f"checkpoint {path} belongs to another run (another configuration); set aside as "
+                    f"{aside.name}, and this run starts from scratch")
+            return
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -590,6 +653,10 @@ class _Progress:
             self.bar.close()
 
 
+def _log_stderr(msg: str) -> None:
+    print(f"topodecorr: {msg}", file=sys.stderr, flush=True)
+
+
 def _is_terminal(stream) -> bool:
     try:
         return bool(stream.isatty())
@@ -606,6 +673,7 @@ def train_run(
     epoch_lines: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
     dist=None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Train one network under the protocol and return its result.
 
@@ -614,7 +682,10 @@ def train_run(
     spec : RunSpec
     checkpoint : path, optional
         Epoch checkpoint file: resumed from when it exists and matches ``spec``,
-        rewritten after every epoch. Left in place; the caller deletes it.
+        rewritten after every epoch. Left in place; the caller deletes it. One that
+        cannot be read (empty, truncated, garbage) or belongs to another run is set
+        aside (renamed ``NAME.unreadable-DATE`` or ``NAME.other-run-DATE``, never
+        deleted) and the run starts from scratch, said through ``log``.
     data : DatasetSplits, optional
         Preloaded data (default: loaded and cached per process).
     progress : bool
@@ -631,6 +702,8 @@ def train_run(
         over the ranks, metrics are all-reduced and only rank 0 writes the
         checkpoint (see :mod:`topodecorr.experiments.ddp`). Default: a
         :class:`~topodecorr.experiments.ddp.LocalContext` on ``spec.train.device``.
+    log : callable, optional
+        Receives one-line notes (a checkpoint set aside); default: printed to stderr.
 
     Returns
     -------
@@ -650,7 +723,7 @@ def train_run(
         data = cached_dataset(spec.dataset, spec.data_dir, spec.split_seed, float(spec.val_fraction))
     run = _Run(spec, data, ctx)
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
-    run.resume(ckpt_path)
+    run.resume(ckpt_path, log if log is not None else _log_stderr)
     shown = _Progress(spec, run.start_epoch, epoch_lines) if progress and ctx.is_main else None
     status, error = "done", None
     try:
