@@ -206,7 +206,7 @@ def _clouds(model, reg, x, max_samples):
     """The (rows, neurons) clouds the regulariser builds from one forward pass (detached)."""
     model(x)  # with gradients: the regulariser captures only then
     acts = [a.detach() for a in reg.captured_activations()]
-    reg._release()  # noqa: SLF001 - benchmark: drop the captured tensors without a penalty
+    reg.penalty()  # releases the captured tensors (its graph is dropped unused)
     if reg.pooled:
         acts = [torch.cat(acts, dim=1)]
     if max_samples is not None:

@@ -823,3 +823,29 @@ def test_first_sample_outlier_still_centred_accurately():
     d32 = correlation_deaths(x).deaths
     d64 = correlation_deaths(x.double()).deaths
     assert float((d32.double() - d64).abs().max()) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_op_on_cuda_equals_cpu_without_a_host_synchronisation():
+    g = torch.Generator().manual_seed(10)
+    a = torch.randn(256, 300, generator=g)
+    maps = torch.randn(8, 40, 6, 6, generator=g)
+    ref = correlation_deaths(a.requires_grad_(True))
+    ref.deaths.sum().backward()
+    x = a.detach().cuda().requires_grad_(True)
+    m = maps.cuda().requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        r = correlation_deaths(x, backend="boruvka")
+        rm = td.correlation_deaths_many([m], layouts=["channel"])[0]
+        (r.deaths.sum() + rm.deaths.sum()).backward()
+        bad = correlation_deaths(torch.full((16, 5), float("nan"), device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(r.deaths.cpu(), ref.deaths, rtol=0, atol=1e-5)
+    assert S.edge_set(r.edges.cpu()) == S.edge_set(ref.edges)
+    torch.testing.assert_close(x.grad.cpu(), a.grad, rtol=1e-4, atol=1e-5)
+    flat = correlation_deaths(maps.movedim(1, -1).reshape(-1, 40))
+    torch.testing.assert_close(rm.deaths.cpu(), flat.deaths, rtol=0, atol=1e-5)
+    assert bool(torch.isnan(bad.deaths).all()), "non-finite input: NaN deaths on accelerators, no error, no sync"

@@ -115,31 +115,35 @@ def normalise(x: torch.Tensor, layout: str = "rows"):
     mean = s1 / R
     centred = ss - s1 * mean  # after the shift the mean is of the order of the spread: little cancels
     norm = centred.clamp_min(0.0).sqrt()
-    done = _rescue(zt, norm, s1, ss, centred) if cpu else None
-    level = (x0.to(norm.dtype) + mean).abs()
-    dead = constant_rows(norm, level, R, zt.dtype)
-    inv = torch.where(dead, 0.0, 1.0 / torch.where(dead, 1.0, norm))
-    a = torch.where(dead, 0.0, inv if done is None else torch.where(done, 1.0, inv))
-    b = torch.where(dead, 0.0, -mean * inv if done is None else torch.where(done, 0.0, -mean * inv))
-    if cpu and zt.dtype != torch.float64 and norm_in_float32_range(a, dead):
-        a, b = a.to(zt.dtype), b.to(zt.dtype)  # float32 arithmetic where the factors allow it
+    done = None
+    if cpu and not bool(_served(norm, s1, ss, centred).all()):
+        done = _rescue(zt, norm, ~_served(norm, s1, ss, centred))
+    dead = constant_rows(norm, (x0.to(norm.dtype) + mean).abs(), R, zt.dtype)
+    inv = norm.masked_fill(dead, float("inf")).reciprocal()  # 0 for dead neurons
+    a, b = inv, -mean * inv
+    if done is not None:
+        a, b = a.masked_fill(done, 1.0), b.masked_fill(done, 0.0)
+    if cpu and zt.dtype != torch.float64 and (done is None or norm_in_float32_range(a, dead)):
+        a, b = a.to(zt.dtype), b.to(zt.dtype)  # float32 arithmetic: the factors fit (checked above)
     torch.addcmul(b, zt, a, out=zt)  # (x - x0 - mean) / norm in one pass
     return zt, inv.reshape(-1).to(zt.dtype), dead.reshape(-1), finite
 
 
-def _rescue(zt, norm, s1, ss, centred):
-    """Rows the one-pass moments cannot serve, normalised here in float64, two-pass and rescaled.
+def _served(norm, s1, ss, centred):
+    """Rows the one-pass moments serve: norm well inside the dtype's range and a mean that does
+    not dominate the spread (or exactly zero rows: dead, nothing to do)."""
+    lo, hi = _SAFE_NORM
+    return ((norm >= lo) & (norm <= hi) & (centred >= ss * 2.0**-10)) | ((ss == 0) & (s1 == 0))
+
+
+def _rescue(zt, norm, bad):
+    """The rows ``bad`` the one-pass moments cannot serve, normalised here in float64, two-pass, rescaled.
 
     Those whose norm under- or overflows the data's dtype (correlation is scale-free:
     a row holding one 1e-40 in float32 is normalised as it would be at scale 1) and
     those whose mean dominates their spread (``ss - s1 * mean`` would cancel). Sets
-    their ``norm`` in place; returns the mask of the rows done (None: none).
+    their ``norm`` in place; returns ``bad`` (the rows done).
     """
-    lo, hi = _SAFE_NORM
-    bad = ((norm < lo) & ((norm > 0) | (s1 != 0))) | ~(norm <= hi) | (centred < ss * 2.0**-10)
-    bad &= (ss > 0) | (s1 != 0)  # not the rows that are exactly 0 after the shift (dead: nothing to do)
-    if not bool(bad.any()):
-        return None
     idx = bad.reshape(-1).nonzero().reshape(-1)
     rows = zt.index_select(0, idx).double()
     rows = rows - rows.mean(dim=1, keepdim=True)
@@ -297,10 +301,23 @@ def tree_correlations_vjp(
     order = torch.argsort(rows * n + cols)
     # row pointers by a search of the sorted rows (bincount would synchronise on accelerators)
     crow = torch.searchsorted(rows[order], torch.arange(n + 1, device=zt.device))
-    with warnings.catch_warnings():  # torch says once that CSR support is "beta"
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        M = torch.sparse_csr_tensor(crow, cols[order], vals[order], (n, n), check_invariants=False)
+    M = _csr(crow, cols[order], vals[order], n)
     return torch.sparse.mm(M, zt)
+
+
+_csr_said = False
+
+
+def _csr(crow, cols, vals, n):
+    """A CSR (n, n) matrix; the first one under a filter for torch's one-time "CSR is beta" warning."""
+    global _csr_said
+    if _csr_said:
+        return torch.sparse_csr_tensor(crow, cols, vals, (n, n), check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        M = torch.sparse_csr_tensor(crow, cols, vals, (n, n), check_invariants=False)
+    _csr_said = True
+    return M
 
 
 @tree_correlations_vjp.register_fake
