@@ -196,7 +196,7 @@ class ResultStore:
             self.conn.execute("PRAGMA foreign_keys=ON")
             if not exists:
                 self._create_schema()
-            self.checkpoint()  # a killed sweep's WAL goes into the main file now
+            self.checkpoint("PASSIVE")  # a killed sweep's WAL goes into the main file now (never waits)
         except sqlite3.DatabaseError as exc:
             self._check_writable(exists)  # a permission problem seen only by SQLite (e.g. a read-only mount)
             if "readonly" in str(exc) or "unable to open" in str(exc):
