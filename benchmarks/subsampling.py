@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import topodecorr as td
+from topodecorr.functional import flatten_activation
 
 ROWS = (256, 512, 1024, 2048, 4096, 8192, 16384)
 
@@ -65,7 +66,7 @@ def _step_seconds(acts: torch.Tensor, max_samples: int | None, repeats: int, see
 
 def run(rows=ROWS, draws: int = 5, repeats: int = 7, seed: int = 0) -> dict:
     fmap = feature_map(seed=seed)
-    acts = td.functional.flatten_activation(fmap, "channel")  # (65536, 64)
+    acts = flatten_activation(fmap, "channel")  # (65536, 64)
     full = td.decorrelation_result([acts], "t1")
     d_full = full.deaths[0]
     t1_full = float(full.value)

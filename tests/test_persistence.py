@@ -515,6 +515,30 @@ def test_fused_n_equals_one(backend):
     assert torch.equal(acts.grad, torch.zeros_like(acts))
 
 
+def test_reused_edges_backward_equals_the_dense_gather():
+    """A tree passed in (refresh_every): value and gradient of its deaths, single and many clouds."""
+    A = torch.from_numpy(S.make_activations("gaussian", 30, 12, seed=6))
+    B = torch.from_numpy(S.make_activations("gaussian", 30, 12, seed=7))
+    tree = correlation_deaths(A).edges
+    b1, b2, b3 = (B.clone().requires_grad_(True) for _ in range(3))
+    r1 = correlation_deaths(b1, edges=tree)
+    r2 = td.correlation_deaths_many([b2], edges=[tree])[0]
+    C = 1 - correlation(b3).abs()
+    ref = torch.sort(C[tree[:, 0], tree[:, 1]]).values
+    w = torch.linspace(1.0, 2.0, 11, dtype=torch.float64)
+    for r, b in ((r1, b1), (r2, b2)):
+        torch.testing.assert_close(r.deaths, ref.detach(), rtol=0, atol=1e-12)
+        (w * r.deaths).sum().backward()
+    (w * ref).sum().backward()
+    torch.testing.assert_close(b1.grad, b3.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(b2.grad, b3.grad, rtol=1e-9, atol=1e-12)
+    # a tree for one cloud, none for the other: both backward
+    b4, a4 = B.clone().requires_grad_(True), A.clone().requires_grad_(True)
+    mixed = td.correlation_deaths_many([b4, a4], edges=[tree, None])
+    (w * mixed[0].deaths).sum().backward()
+    torch.testing.assert_close(b4.grad, b3.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_fused_reuses_given_edges():
     A = torch.from_numpy(S.make_activations("gaussian", 30, 12, seed=6))
     r = correlation_deaths(A)

@@ -252,6 +252,7 @@ def _setup(ctx, inputs, output):
     ctx.meta = [(x.shape, x.dtype, lay) for x, lay in zip(xs, layouts)]
     ctx.save_for_backward(*corrs, *trees, *zts, *invs)
     ctx.clouds = len(xs)
+    ctx.all_edges = all(isinstance(e, torch.Tensor) for e in inputs[2])
     ctx.set_materialize_grads(False)  # unused outputs (Zt, 1 / norm) then give None, not zero tensors
 
 
@@ -271,7 +272,8 @@ def _backward(ctx, g_corrs, g_trees, g_zts, g_invs, g_deads):
             grads.append(torch.zeros(shape, dtype=dtype, device=zts[k].device))
         else:
             grads.append(_to_layout(dxt, shape, layout).to(dtype))
-    return grads, None, None, None, None
+    # the inputs' structure: torch.library flattens a list input only when it holds tensors alone
+    return grads, None, [None] * L if ctx.all_edges else None, None, None
 
 
 def _vjp_sparse(c, edges, zt, inv, gc):
