@@ -386,5 +386,11 @@ def test_channel_maps_flattened_where_the_pipeline_needs_rows():
             b = td.decorrelation_result([flat], pen, generator=torch.Generator().manual_seed(0), **kw)
             torch.testing.assert_close(a.value, b.value, rtol=0, atol=1e-13)
             assert int(a.dead) == int(b.dead) == 0
+    m2 = m.clone()
+    m2[:, 3] = 0.5  # a dead channel, dropped in its own layout
+    a = td.decorrelation_result([m2], "t1", modes=["channel"], dead_neurons="drop")
+    b = td.decorrelation_result([flatten_activation(m2, "channel")], "t1", dead_neurons="drop")
+    torch.testing.assert_close(a.value, b.value, rtol=0, atol=1e-13)
+    assert a.clouds == b.clouds == (7,) and int(a.dead) == int(b.dead) == 1 and a.dropped == 1
     with pytest.raises(ValueError, match="one entry per activation"):
         td.decorrelation_result([m], "t1", modes=["channel", "flatten"])
