@@ -805,6 +805,7 @@ def test_backward_keeps_nothing_quadratic():
     assert torch.isfinite(acts.grad).all()
 
 
+@pytest.mark.filterwarnings("error")  # the rescue paths warn about nothing
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_subnormal_neuron_gives_the_deaths_of_scale_one(dtype):
     """Correlation is scale-free: one 1e-40 (a float32 subnormal) in a column is that column at scale 1."""
@@ -822,6 +823,7 @@ def test_subnormal_neuron_gives_the_deaths_of_scale_one(dtype):
     torch.testing.assert_close(correlation(tiny), correlation(unit), rtol=0, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("error")  # the rescue paths warn about nothing
 def test_large_offset_in_float32_stays_within_1e_4_of_float64():
     g = torch.Generator().manual_seed(7)
     x = (1e6 + torch.randn(256, 30, generator=g)) * torch.linspace(0.5, 2.0, 30)  # float32 data
@@ -831,6 +833,7 @@ def test_large_offset_in_float32_stays_within_1e_4_of_float64():
     assert float((correlation(x).double() - correlation(x.double())).abs().max()) < 1e-4
 
 
+@pytest.mark.filterwarnings("error")  # the rescue paths warn about nothing
 def test_huge_activations_do_not_overflow():
     g = torch.Generator().manual_seed(8)
     x = torch.randn(50, 5, generator=g)
@@ -839,6 +842,7 @@ def test_huge_activations_do_not_overflow():
     torch.testing.assert_close(correlation_deaths(big).deaths, correlation_deaths(x).deaths, rtol=0, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("error")  # the rescue paths warn about nothing
 def test_first_sample_outlier_still_centred_accurately():
     """Shifted by an outlying first sample, the mean dominates the spread: those rows take the two-pass path."""
     g = torch.Generator().manual_seed(9)

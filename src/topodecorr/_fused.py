@@ -49,7 +49,8 @@ from typing import Optional
 import torch
 
 from ._kernels import mst_edges, mst_edges_many
-from .correlation import _SAFE_NORM, NonFiniteActivationsError, constant_rows, gram_rows, norm_in_float32_range
+from .correlation import (_SAFE_NORM, NonFiniteActivationsError, constant_rows, gram_rows, norm_in_float32_range,
+                          pow2)
 
 LAYOUTS = ("rows", "channel")
 
@@ -149,12 +150,11 @@ def _rescue(zt, norm, bad):
     rows = rows - rows.mean(dim=1, keepdim=True)
     _, e = torch.frexp(rows.abs().amax(dim=1, keepdim=True))
     half = -(e // 2)  # two exact power-of-two steps: 2^-e alone can leave float64's range
-    one = torch.ones((), dtype=torch.float64)
-    rows = rows * torch.ldexp(one, half) * torch.ldexp(one, -e - half)
+    rows = rows * pow2(half) * pow2(-e - half)
     rnorm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
     live = rnorm > 0
     zt.index_copy_(0, idx, torch.where(live, rows / torch.where(live, rnorm, 1.0), 0.0).to(zt.dtype))
-    true = rnorm * torch.ldexp(one, -half) * torch.ldexp(one, e + half)
+    true = rnorm * pow2(-half) * pow2(e + half)
     norm.index_copy_(0, idx, true)
     return bad
 

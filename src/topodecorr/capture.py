@@ -41,7 +41,7 @@ in one forward contributes one layer per call (torchvision's ResNet
 ``BasicBlock`` calls its ``relu`` twice).
 
 **CNNs**: every entry of a conv map is a neuron in ``"flatten"`` mode, so
-torchvision's resnet18 pooled is 47,114 neurons (a 9.6 GB correlation matrix
+torchvision's resnet18 pooled is 47,114 neurons (an 8.9 GB correlation matrix
 per step). A cloud above ``max_neurons`` (default 8192, after sampling) is a
 ``ValueError`` at the first :meth:`Decorrelation.penalty` that names the
 remedies: ``mode="channel"`` (one neuron per channel, positions are samples)
@@ -524,7 +524,7 @@ class Decorrelation:
             f"matrix would take {gb:.1f} GB and O(n^2) work every step, above max_neurons={limit}. For conv "
             "maps pass mode='channel' (one neuron per channel) with pooled=False; or choose fewer layers "
             "(layers=[...]); or sample neurons (sampling='importance', fraction=0.005 as the paper does for "
-            "CNNs); or raise max_neurons (None: no limit)"
+            "CNNs); or raise max_neurons (None: no limit)."
         )
 
     def _warn_once(self, key: str, message: str, stacklevel: int = 4) -> None:

@@ -134,9 +134,13 @@ def _scaled_wide(xs: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         _, e = torch.frexp(wide.abs().amax(dim=0, keepdim=True))
         half = -(e // 2)  # two exact steps: 2^-e alone can leave float64's range
-        one = torch.ones((), dtype=torch.float64, device=xs.device)
-        f1, f2 = torch.ldexp(one, half), torch.ldexp(one, -e - half)
+        f1, f2 = pow2(half), pow2(-e - half)
     return wide * f1 * f2
+
+
+def pow2(e: torch.Tensor) -> torch.Tensor:
+    """``2 ** e`` exactly, in float64, for an integer tensor ``e`` (package-internal)."""
+    return torch.ldexp(torch.ones(e.shape, dtype=torch.float64, device=e.device), e)
 
 
 def moments(xs: torch.Tensor, x0: torch.Tensor, dim: int):
