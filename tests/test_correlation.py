@@ -367,3 +367,30 @@ def test_numpy_blas_follows_torch_thread_count_inside_the_product_only():
     assert [lib.num_threads for lib in blas.lib_controllers] == before
     z = torch.randn(16, 5, dtype=torch.float64)
     np.testing.assert_allclose(corr_mod.correlation_product(z).numpy(), (z.T @ z).numpy(), rtol=1e-12)
+
+
+def test_cpu_product_is_syrk_on_one_thread_and_torch_mm_on_more(monkeypatch):
+    """One torch thread: NumPy's syrk (one BLAS thread); two or more: torch's own mm. Same deaths either way."""
+    import importlib
+
+    pytest.importorskip("threadpoolctl")
+    corr_mod = importlib.import_module("topodecorr.correlation")
+    if corr_mod._numpy_blas() is None:
+        pytest.skip("NumPy has no BLAS that threadpoolctl controls here")
+    from topodecorr import correlation_deaths
+
+    calls = []
+    real = corr_mod._syrk_one_thread
+    monkeypatch.setattr(corr_mod, "_syrk_one_thread", lambda zt: calls.append(zt.shape) or real(zt))
+    acts = torch.from_numpy(S.make_activations("lowrank", 64, 600, seed=3)).float()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = correlation_deaths(acts)
+        assert calls == [(600, 64)]
+        torch.set_num_threads(2)
+        two = correlation_deaths(acts)
+        assert calls == [(600, 64)], "with two torch threads the product is torch.mm"
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(two.deaths, one.deaths, rtol=0, atol=1e-5)

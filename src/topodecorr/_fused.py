@@ -343,11 +343,18 @@ def _vjp_general(c, edges, zt, inv, gc, gz, gi):
 
 
 def _to_layout(dxt: torch.Tensor, shape: torch.Size, layout: str) -> torch.Tensor:
-    """The (n, R) gradient as a view in the activations' own layout (no copy)."""
+    """The (n, R) gradient in the activations' own layout, contiguous.
+
+    A transposed view would be free here, but every op downstream pays for its
+    strides: autograd adds it to the network's own (contiguous) gradient and
+    the activation's backward (ReLU, GELU) reads it, both on TensorIterator's
+    strided path, several times slower than one transposing copy
+    (BENCHMARKS.md, "Architectures").
+    """
     if layout == "channel" and len(shape) > 2:
         B, n = shape[0], shape[1]
-        return dxt.view(n, B, -1).transpose(0, 1).reshape(shape)
-    return dxt.T
+        return dxt.view(n, B, -1).transpose(0, 1).contiguous().view(shape)
+    return dxt.T.contiguous()
 
 
 tree_correlations.register_autograd(_backward, setup_context=_setup)

@@ -210,8 +210,9 @@ def correlation_product(z: torch.Tensor, block: int | None = None) -> torch.Tens
     block : int, optional
         Block width for computing only the blocks on and above the diagonal with
         torch (symmetry), ``block >= n`` for one full product. ``None`` picks the
-        measured default of :func:`gram_rows` (on the CPU NumPy's syrk on one
-        BLAS thread from 512 neurons on, else ``torch.mm``; never a second pool).
+        measured default of :func:`gram_rows` (on the CPU with one torch thread
+        NumPy's syrk on one BLAS thread from 512 neurons on, else ``torch.mm``;
+        never a second pool).
 
     Returns
     -------
@@ -259,8 +260,10 @@ def gram_rows(zts: list[torch.Tensor], block: int | None = None) -> list[torch.T
 
     Package-internal: the products the fused op hands to the MST kernel. On the
     CPU each runs in the calling thread or on torch's own threads, never on a
-    second pool: NumPy's syrk (half the flops, exactly symmetric) pinned to one
-    BLAS thread for ``n >= 512`` when threadpoolctl can pin it, else ``torch.mm``.
+    second pool: with one torch thread NumPy's syrk (half the flops, exactly
+    symmetric) pinned to one BLAS thread for ``n >= 512`` when threadpoolctl can
+    pin it; else ``torch.mm`` (from two threads on, torch's multi-threaded ``mm``
+    is as fast as syrk on one: BENCHMARKS.md, "Architectures").
     On accelerators the clouds with equal (n, R) and dtype share one ``bmm``.
     ``block`` forces the blocked upper-half torch product (:func:`_upper_gram`).
     """
@@ -295,14 +298,20 @@ def _gram_one(zt: torch.Tensor, block: int | None) -> torch.Tensor:
         if block < 1:
             raise ValueError(f"block must be a positive width, got {block}")
         return zt @ zt.T if block >= n else _upper_gram(zt.T, block)
-    if zt.device.type == "cpu" and n >= _SYRK_MIN_NEURONS and _numpy_blas() is not None:
-        with _numpy_blas_threads(1):  # syrk in the calling thread: no second pool
-            if zt.is_contiguous():
-                a = zt.numpy()
-                return torch.from_numpy(a @ a.T)
-            b = zt.T.contiguous().numpy()
-            return torch.from_numpy(b.T @ b)
-    return torch.mm(zt, zt.T)
+    if (zt.device.type == "cpu" and n >= _SYRK_MIN_NEURONS and torch.get_num_threads() == 1
+            and _numpy_blas() is not None):
+        return _syrk_one_thread(zt)
+    return torch.mm(zt, zt.T)  # on torch's own threads: from 2 of them as fast as syrk on one
+
+
+def _syrk_one_thread(zt: torch.Tensor) -> torch.Tensor:
+    """``Zt Zt^T`` by NumPy's syrk on one BLAS thread, in the calling thread."""
+    with _numpy_blas_threads(1):  # no second pool
+        if zt.is_contiguous():
+            a = zt.numpy()
+            return torch.from_numpy(a @ a.T)
+        b = zt.T.contiguous().numpy()
+        return torch.from_numpy(b.T @ b)
 
 
 def _upper_gram(z: torch.Tensor, block: int) -> torch.Tensor:
