@@ -493,6 +493,9 @@ def main(argv=None):
             x, y = data()
             r, f, o = bench_model(name, build, x, y, kw(build()), reps, 1 if args.quick else 3, device, th,
                                   profile_ops=k == 0 and not args.no_profile)
+            if device.type == "cpu" and torch.get_num_threads() != th:  # a figure at the wrong thread count
+                raise RuntimeError(f"{name}: torch's thread count changed from {th} to "
+                                   f"{torch.get_num_threads()} during the run")
             rows += r
             floors += f
             ops += o[:12]

@@ -152,6 +152,29 @@ def test_core_works_without_numba_in_a_fresh_process():
     assert out.stdout.strip() == "ok"
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+def test_many_trees_leave_torch_thread_count_alone(parallel):
+    """numba's OpenMP layer shares libgomp with torch: launching it set torch's thread count to
+    numba's (a one-thread training process ran on two after its first per-layer penalty)."""
+    pytest.importorskip("numba")
+    code = textwrap.dedent(
+        f"""
+        import torch
+        torch.set_num_threads(1)
+        import topodecorr._kernels as K
+        K.PARALLEL_TREES = {parallel}
+        a = torch.randn(256, 256)
+        (a @ a).sum()  # torch's own OpenMP region first, as in training
+        mats = [torch.rand(40, 40) for _ in range(3)]
+        K.mst_edges_many([(m + m.T) / 2 for m in mats], abs_corr=True)
+        print(torch.get_num_threads())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "1"
+
+
 # --------------------------------------------------------------------------- kernels against each other
 
 

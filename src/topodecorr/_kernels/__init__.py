@@ -86,14 +86,25 @@ def _run_numba_many(mats: list[torch.Tensor], abs_corr: bool) -> list[torch.Tens
     for l, a in enumerate(arrays):
         groups.setdefault(a.dtype, []).append(l)
     out: list = [None] * len(arrays)
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)) if PARALLEL_TREES else 1
+    torch_threads = torch.get_num_threads()
+    threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS)) if PARALLEL_TREES else 1
+    if threads == 1:  # the serial kernel: numba's parallel API (and its thread pool) left untouched
+        for idx in groups.values():
+            for l, e in zip(idx, numba_prim.prim_many([arrays[l] for l in idx], abs_corr, False)):
+                out[l] = torch.from_numpy(e)
+        return out
     with _parallel_lock:
-        if threads > 1:
+        try:
             numba.set_num_threads(threads)
-        with numba.parallel_chunksize(1):  # hand out one tree at a time, largest first
-            for idx in groups.values():
-                for l, e in zip(idx, numba_prim.prim_many([arrays[l] for l in idx], abs_corr, threads > 1)):
-                    out[l] = torch.from_numpy(e)
+            with numba.parallel_chunksize(1):  # hand out one tree at a time, largest first
+                for idx in groups.values():
+                    for l, e in zip(idx, numba_prim.prim_many([arrays[l] for l in idx], abs_corr, True)):
+                        out[l] = torch.from_numpy(e)
+        finally:
+            # numba's OpenMP layer shares libgomp with torch: launching it sets the calling
+            # thread's OpenMP team size to numba's, which is torch's thread count too
+            if torch.get_num_threads() != torch_threads:
+                torch.set_num_threads(torch_threads)
     return out
 
 
