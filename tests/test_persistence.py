@@ -8,6 +8,7 @@ invariances, finite differences (gradcheck) and closed forms.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import pytest
@@ -877,3 +878,27 @@ def test_op_on_cuda_equals_cpu_without_a_host_synchronisation():
     flat = correlation_deaths(maps.movedim(1, -1).reshape(-1, 40))
     torch.testing.assert_close(rm.deaths.cpu(), flat.deaths, rtol=0, atol=1e-5)
     assert bool(torch.isnan(bad.deaths).all()), "non-finite input: NaN deaths on accelerators, no error, no sync"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_subnormal_neuron_gets_no_gradient_with_a_warning_and_the_others_exact(dtype):
+    """Its gradient (1 / scale times that at scale 1) overflows: none for it, said once, never NaN."""
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(64, 6, generator=g, dtype=dtype)
+    tiny, unit = base.clone(), base.clone()
+    scale = 1e-40 if dtype == torch.float32 else 1e-310
+    col = torch.randn(64, generator=g, dtype=dtype)
+    tiny[:, 2], unit[:, 2] = col * scale, col
+    grads = []
+    for x in (tiny, unit):
+        x = x.clone().requires_grad_(True)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            (1 - correlation_deaths(x).deaths).sum().backward()
+        grads.append((x.grad, [str(w.message) for w in seen]))
+    (gt, said), (gu, quiet) = grads
+    assert torch.isfinite(gt).all()
+    assert torch.equal(gt[:, 2], torch.zeros(64, dtype=dtype))
+    assert not quiet and len(said) == 1 and "1 neuron(s) have activations at a scale below" in said[0]
+    keep = [0, 1, 3, 4, 5]
+    torch.testing.assert_close(gt[:, keep], gu[:, keep], rtol=1e-4, atol=1e-6)

@@ -264,16 +264,50 @@ def _backward(ctx, g_corrs, g_trees, g_zts, g_invs, g_deads):
     for k in range(L):
         shape, dtype, layout = ctx.meta[k]
         gc, gz, gi = g_corrs[k], g_zts[k], g_invs[k]
+        inv = _representable(invs[k])
         if torch.is_grad_enabled() or gz is not None or gi is not None:
-            dxt = _vjp_general(corrs[k], trees[k], zts[k], invs[k], gc, gz, gi)
+            dxt = _vjp_general(corrs[k], trees[k], zts[k], inv, gc, gz, gi)
         else:
-            dxt = _vjp_sparse(corrs[k], trees[k], zts[k], invs[k], gc)
+            dxt = _vjp_sparse(corrs[k], trees[k], zts[k], inv, gc)
         if dxt is None:  # a cloud of one neuron, or no gradient reached it: zeros, as autograd would
             grads.append(torch.zeros(shape, dtype=dtype, device=zts[k].device))
         else:
             grads.append(_to_layout(dxt, shape, layout).to(dtype))
     # the inputs' structure: torch.library flattens a list input only when it holds tensors alone
     return grads, None, [None] * L if ctx.all_edges else None, None, None
+
+
+def _representable(inv: torch.Tensor) -> torch.Tensor:
+    """``1 / norm`` with the entries that overflowed the dtype set to 0 (warned on the CPU).
+
+    A neuron whose activations all lie at a subnormal scale (a column of 1e-40 in
+    float32) is normalised as it would be at scale 1, so its correlations are exact,
+    but the gradient with respect to its activations is 1 / scale times that at
+    scale 1 and overflows: inf, then NaN, in the network's gradient. Those neurons
+    get no gradient instead; every other neuron's gradient is unchanged.
+    """
+    over = torch.isinf(inv)
+    if inv.device.type == "cpu" and not _tracing(inv):  # accelerators, traces: the same masking, no sync
+        count = int(over.sum())
+        if count == 0:
+            return inv
+        warnings.warn(
+            f"{count} neuron(s) have activations at a scale below the normal range of {inv.dtype} "
+            "(e.g. every value near 1e-40 in float32): their correlations are computed as at scale 1, "
+            "but their gradient (1 / scale times larger) is not representable, so they get none; the "
+            "other neurons' gradients are exact. A layer whose outputs collapse towards zero usually "
+            "means a too-high learning rate or weight decay, or a bad initialisation",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return inv.masked_fill(over, 0.0)
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    """Whether ``t`` has no data to read (torch.compile, fake or meta tensors)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t) or t.is_meta
 
 
 def _vjp_sparse(c, edges, zt, inv, gc):

@@ -200,6 +200,15 @@ def correlation_deaths(
     -------
     Deaths
 
+    Notes
+    -----
+    Correlation is scale-free, and so are the deaths: a neuron whose activations
+    lie at a subnormal scale (1e-40 in float32) gets the deaths it would have at
+    scale 1. Its gradient, 1 / scale times larger, is not representable; such a
+    neuron gets no gradient and a ``RuntimeWarning`` says how many there were
+    (the other neurons' gradients are exact). NaN or inf activations raise
+    :class:`~topodecorr.correlation.NonFiniteActivationsError` on the CPU.
+
     Examples
     --------
     >>> import torch
