@@ -155,6 +155,35 @@ def test_a_forward_that_raised_leaves_nothing_behind():
         torch.testing.assert_close(p, ref.penalty())
 
 
+def _replicate(module: nn.Module) -> nn.Module:
+    """nn.parallel.replicate without devices: every module copied as DataParallel copies it."""
+    copy = module._replicate_for_data_parallel()
+    copy._parameters = dict(module._parameters)  # DataParallel broadcasts them; here they are shared
+    for name, child in module._modules.items():
+        copy._modules[name] = _replicate(child)
+    return copy
+
+
+def test_data_parallel_replicas_are_refused_with_the_reason_and_the_remedy():
+    """nn.DataParallel's per-device copies run in threads on slices of the batch (they used to give
+    the misleading "second training forward" error); with no devices it is the model itself: fine."""
+    net = _net()
+    x = torch.randn(16, 5)
+    with td.Decorrelation(nn.DataParallel(net)) as reg:  # CPU: DataParallel just calls the module
+        nn.DataParallel(net)(x)
+        assert torch.isfinite(reg.penalty())
+    for hooked in (net, nn.DataParallel(net)):  # the model or its wrapper, as users pass them
+        with td.Decorrelation(hooked):
+            replica = _replicate(net)  # what DataParallel runs on each device
+            with pytest.raises(RuntimeError, match=r"nn.DataParallel runs a copy of the model per device.*"
+                                                   r"Use DistributedDataParallel"):
+                replica(x)
+    wrapper = nn.DataParallel(net)
+    wrapper.device_ids = [0, 1]  # as on a two-GPU machine
+    with pytest.raises(ValueError, match="nn.DataParallel runs a copy of the model per device"):
+        td.Decorrelation(wrapper)
+
+
 def test_a_second_training_forward_before_penalty_is_a_clear_error():
     net = _net()
     x = torch.randn(16, 5)

@@ -60,7 +60,9 @@ mode, gradients enabled) are kept until the next :meth:`Decorrelation.penalty`,
 which uses and then releases them. A second training forward of the model
 before that is a ``RuntimeError`` (two forwards' rows are different samples);
 run any extra forward (logging, a reference) under ``torch.no_grad()`` or in
-``eval()``. A forward that raised leaves nothing behind. Under activation
+``eval()``. A forward that raised leaves nothing behind. ``nn.DataParallel``
+over several devices is refused (its per-device copies run on slices of the
+batch in threads); use DistributedDataParallel. Under activation
 checkpointing (``torch.utils.checkpoint``) the recompute in ``backward()`` is
 not captured again, and the penalty and gradients equal those without
 checkpointing, reentrant or not (see :mod:`topodecorr.neurons`; keep the

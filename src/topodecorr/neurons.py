@@ -369,6 +369,8 @@ class Recorder:
 
     def __init__(self, model: nn.Module, layers: Layers, when: Callable[[], bool] | None = None,
                  needs_grad: bool = False):
+        if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
+            raise ValueError(_DATA_PARALLEL)
         self.model = unwrap(model)
         self.layers = layers
         self.when = when
@@ -431,6 +433,8 @@ class Recorder:
         return self.when is None or bool(self.when())
 
     def _begin(self, module, args) -> None:
+        if getattr(module, "_is_replica", False):
+            raise RuntimeError(_DATA_PARALLEL)
         if torch.compiler.is_compiling() or _in_backward():
             return
         if not self._wanted():
@@ -479,6 +483,8 @@ class Recorder:
 
     def _layer_hook(self, index: int):
         def hook(module, inputs, output):
+            if getattr(module, "_is_replica", False):  # a copy nn.DataParallel made for one of its devices
+                raise RuntimeError(_DATA_PARALLEL)
             if not isinstance(output, torch.Tensor):
                 return None
             if torch.compiler.is_compiling():
@@ -505,6 +511,14 @@ class Recorder:
         calls = sum(1 for r in self._records if r.layer == index)
         name = base if calls == 0 else f"{base}#{calls + 1}"
         self._records.append(Record(name, index, output, self.layers.modes[index], False))
+
+
+_DATA_PARALLEL = (
+    "nn.DataParallel runs a copy of the model per device, each on its own thread and its own slice of the "
+    "batch: their activations cannot make one point cloud per step. Use DistributedDataParallel (one process "
+    "per GPU, launched with torchrun; the penalty gathers the batch across ranks, docs/scaling.md) or train "
+    "on one device"
+)
 
 
 # -- reentrant activation checkpointing ----------------------------------------------------------
