@@ -238,6 +238,19 @@ def test_repeated_calls_are_named_and_the_output_keeps_its_layer_name():
     assert [(r.name, r.is_output) for r in recs] == [("relu", False), ("relu#2", True)]
 
 
+def test_records_know_the_recorded_forward_they_belong_to():
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with Recorder(m, resolve_layers(m, "auto"), needs_grad=True) as rec:
+        m(torch.randn(5, 4))
+        assert rec.step == 0 and {r.step for r in rec.take()} == {0}
+        with torch.no_grad():
+            m(torch.randn(5, 4))  # not recorded: does not count
+        assert rec.forwards == 1 and not rec.records
+        m(torch.randn(5, 4))
+        recs = rec.take()
+        assert rec.step == 1 and [r.step for r in recs] == [1, 1] and [r.name for r in recs] == ["1", "output"]
+
+
 def test_harness_probe_follows_the_training_rule():
     from topodecorr.experiments.train import _probe_activations
 

@@ -330,7 +330,8 @@ class Record:
     """One captured layer output of one forward.
 
     ``tensor`` is the layer output as the model produced it (with its graph);
-    ``matrix`` the (samples, neurons) view the pipeline reads.
+    ``matrix`` the (samples, neurons) view the pipeline reads; ``step`` the
+    recorded forward it belongs to (:attr:`Recorder.step`).
     """
 
     name: str
@@ -338,6 +339,7 @@ class Record:
     tensor: torch.Tensor
     mode: str
     is_output: bool
+    step: int = 0
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -378,6 +380,7 @@ class Recorder:
         self._handles: list = []
         self._records: list[Record] = []
         self._open = False  # a recorded forward of the model is running
+        self.forwards = 0  # recorded forwards of the model since construction
         self._seen = False  # the open forward's finishing hook ran (it did not raise)
         self._reentrant = _Reentrant(self)
 
@@ -416,6 +419,13 @@ class Recorder:
         self._open = self._seen = False
 
     @property
+    def step(self) -> int:
+        """The recorded forward the current records belong to: 0 for the first forward of the model
+        that was recorded, 1 for the next, ... (a forward that was not recorded, under ``no_grad``
+        or not ``when``, does not count)."""
+        return max(self.forwards - 1, 0)
+
+    @property
     def records(self) -> tuple[Record, ...]:
         """What was recorded and not taken yet (a snapshot; :meth:`take` removes them)."""
         return tuple(self._records)
@@ -449,6 +459,7 @@ class Recorder:
                 "forward under torch.no_grad() or in eval() so that it is not captured"
             )
         self._open, self._seen = True, False
+        self.forwards += 1
         self._reentrant.clear()  # the previous forward's backward is over
 
     def _end(self, module, args, output) -> None:
@@ -477,9 +488,9 @@ class Recorder:
         for k, r in enumerate(self._records):
             if r.tensor is output:  # the last hooked module produced the model output (a Sequential
                 # ending in a Tanh): that tensor is counted once, under its layer's name, as the output layer
-                self._records[k] = Record(r.name, r.layer, output, mode, True)
+                self._records[k] = Record(r.name, r.layer, output, mode, True, self.step)
                 return
-        self._records.append(Record(OUTPUT, len(self.layers.modules), output, mode, True))
+        self._records.append(Record(OUTPUT, len(self.layers.modules), output, mode, True, self.step))
 
     def _layer_hook(self, index: int):
         def hook(module, inputs, output):
@@ -510,7 +521,7 @@ class Recorder:
         base = self.layers.names[index]
         calls = sum(1 for r in self._records if r.layer == index)
         name = base if calls == 0 else f"{base}#{calls + 1}"
-        self._records.append(Record(name, index, output, self.layers.modes[index], False))
+        self._records.append(Record(name, index, output, self.layers.modes[index], False, self.step))
 
 
 _DATA_PARALLEL = (
