@@ -902,3 +902,32 @@ def test_subnormal_neuron_gets_no_gradient_with_a_warning_and_the_others_exact(d
     assert not quiet and len(said) == 1 and "1 neuron(s) have activations at a scale below" in said[0]
     keep = [0, 1, 3, 4, 5]
     torch.testing.assert_close(gt[:, keep], gu[:, keep], rtol=1e-4, atol=1e-6)
+
+
+def test_many_small_clouds_share_one_gather_and_sort_with_the_order_of_their_own():
+    """Back-to-back products (the CPU's many-clouds layout): one gather and one sort for every tree give
+    each tree's correlations in the order its own sort gives, ties included (duplicated neurons)."""
+    import importlib
+
+    fused = importlib.import_module("topodecorr._fused")
+    corr_mod = importlib.import_module("topodecorr.correlation")
+    from topodecorr._kernels import mst_edges_many
+
+    g = torch.Generator().manual_seed(11)
+    clouds = []
+    for n in (5, 9, 2, 17, 9):
+        x = torch.randn(40, n, generator=g)
+        x[:, n // 2] = x[:, 0]  # a duplicate: |c| = 1 ties
+        if n > 4:
+            x[:, 1] = -x[:, 2]
+        clouds.append(x)
+    zts = [fused.normalise(x)[0] for x in clouds]
+    prods = corr_mod.gram_rows(zts)
+    from topodecorr._kernels import back_to_back
+
+    assert back_to_back(prods)
+    found = mst_edges_many(prods, abs_corr=True)
+    batched = fused._edge_corr_many(prods, found)
+    for P, e, (c, pairs) in zip(prods, found, batched):
+        c1, pairs1 = fused._edge_corr(P, e)
+        assert torch.equal(c, c1) and torch.equal(pairs, pairs1)

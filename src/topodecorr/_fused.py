@@ -48,7 +48,7 @@ from typing import Optional
 
 import torch
 
-from ._kernels import mst_edges, mst_edges_many
+from ._kernels import back_to_back, flat_view, mst_edges, mst_edges_many
 from .correlation import (_SAFE_NORM, NonFiniteActivationsError, constant_rows, gram_rows, norm_in_float32_range,
                           pow2)
 
@@ -75,17 +75,31 @@ def _shifted(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     blocked copy, then shifted in place (a fused strided subtraction was slower).
     """
     R, n = layout_shape(x, layout)
-    dt = stat_dtype(x)
-    zt = torch.empty((n, R), dtype=dt, device=x.device)
+    zt = torch.empty((n, R), dtype=stat_dtype(x), device=x.device)
+    return zt, _shift_into(zt, x, layout)
+
+
+def _shift_into(zt: torch.Tensor, x: torch.Tensor, layout: str) -> torch.Tensor:
+    """Write ``x - x0`` into the (n, R) buffer ``zt`` (contiguous rows); return x0 (n, 1)."""
+    n, R = zt.shape
     if layout == "channel" and x.dim() > 2:
         B = x.shape[0]
         xv = x.reshape(B, n, R // B)
-        x0 = xv[0, :, :1].to(dt)
+        x0 = xv[0, :, :1].to(zt.dtype)
         torch.sub(xv.transpose(0, 1), x0[:, None, :], out=zt.view(n, B, R // B))
-        return zt, x0
+        return x0
     zt.copy_(x.T)
     x0 = zt[:, :1].clone()
-    return zt.sub_(x0), x0
+    zt.sub_(x0)
+    return x0
+
+
+#: clouds of at most this many activations (rows x neurons) that share their row count are
+#: normalised as one (n_1 + n_2 + ..., R) buffer: per-neuron work, so exactly the same, but
+#: one set of small ops instead of one per cloud (a ResNet's 17 ReLU calls come in 5 row
+#: counts); each cloud's part is then copied out (the op's outputs may not alias), a pass
+#: that costs less than the small ops it replaces only while the clouds are small
+GROUP_MAX = 1 << 19
 
 
 def normalise(x: torch.Tensor, layout: str = "rows"):
@@ -96,7 +110,42 @@ def normalise(x: torch.Tensor, layout: str = "rows"):
     Passes over the activations: the shifted copy, two reads for the moments, one
     in-place ``z = x * inv - mean * inv``.
     """
-    zt, x0 = _shifted(x.detach(), layout)
+    zt, inv, dead, finite = _normalise_shifted(*_shifted(x.detach(), layout))
+    return zt, inv, dead, finite.all()
+
+
+def normalise_many(xs: list[torch.Tensor], layouts: list[str]) -> list[tuple]:
+    """:func:`normalise` of every cloud; small clouds with one row count share one normalisation."""
+    out: list = [None] * len(xs)
+    groups: dict = {}
+    for k, (x, lay) in enumerate(zip(xs, layouts)):
+        R, n = layout_shape(x, lay)
+        if n * R <= GROUP_MAX:
+            groups.setdefault((R, stat_dtype(x), x.device), []).append(k)
+        else:
+            out[k] = normalise(x, lay)
+    for (R, dt, device), ks in groups.items():
+        if len(ks) == 1:
+            out[ks[0]] = normalise(xs[ks[0]], layouts[ks[0]])
+            continue
+        sizes = [layout_shape(xs[k], layouts[k])[1] for k in ks]
+        zt = torch.empty((sum(sizes), R), dtype=dt, device=device)
+        x0 = torch.empty((sum(sizes), 1), dtype=dt, device=device)
+        a = 0
+        for k, n in zip(ks, sizes):
+            x0[a : a + n] = _shift_into(zt[a : a + n], xs[k].detach(), layouts[k])
+            a += n
+        zt, inv, dead, finite = _normalise_shifted(zt, x0)
+        a = 0
+        for k, n in zip(ks, sizes):  # the op's outputs may not alias each other: one copy per cloud
+            part = slice(a, a + n)
+            out[k] = (zt[part].clone(), inv[part].clone(), dead[part].clone(), finite[part].all())
+            a += n
+    return out
+
+
+def _normalise_shifted(zt: torch.Tensor, x0: torch.Tensor):
+    """Normalise the shifted rows ``zt`` in place; ``(zt, inv, dead, finite)`` with ``finite`` per row."""
     R = zt.shape[1]
     cpu = zt.device.type == "cpu"
     # accelerators accumulate in float64 (cast on load; no fix-up that would synchronise),
@@ -104,10 +153,11 @@ def normalise(x: torch.Tensor, layout: str = "rows"):
     acc = zt.dtype if cpu else torch.float64
     s1 = zt.sum(dim=1, keepdim=True, dtype=acc)
     ss = torch.linalg.vector_norm(zt, dim=1, keepdim=True, dtype=acc).square()
-    finite = torch.isfinite(s1).all()  # NaN and inf propagate into the sums
-    if cpu and not bool(finite) and bool(torch.isfinite(zt).all()):  # finite, but the sum overflowed
-        s1, finite = zt.sum(dim=1, keepdim=True, dtype=torch.float64), torch.ones((), dtype=torch.bool)
-    if cpu and not bool(finite):
+    finite = torch.isfinite(s1).reshape(-1)  # NaN and inf propagate into the sums
+    if cpu and not bool(finite.all()) and bool(torch.isfinite(zt).all()):  # finite, but the sum overflowed
+        s1 = zt.sum(dim=1, keepdim=True, dtype=torch.float64)
+        finite = torch.ones(zt.shape[0], dtype=torch.bool)
+    if cpu and not bool(finite.all()):
         raise NonFiniteActivationsError(
             "activations contain NaN or inf; the network diverged or its inputs are not finite "
             "(check the learning rate and the data) before computing correlations"
@@ -169,6 +219,29 @@ def _edge_corr(P: torch.Tensor, edges: torch.Tensor):
     return _sort_by_abs(c.clamp(-1.0, 1.0), lo, hi)
 
 
+def _edge_corr_many(prods: list[torch.Tensor], found: list[torch.Tensor]) -> list[tuple]:
+    """:func:`_edge_corr` of every tree; one gather and one sort for all when the products lie
+    back to back in one buffer (the CPU's many-clouds layout), in the same order per cloud."""
+    if len(prods) < 2 or not back_to_back(prods):
+        return [_edge_corr(P, e) for P, e in zip(prods, found)]
+    sizes = torch.tensor([P.shape[0] for P in prods])
+    edges = torch.cat(found)
+    per = sizes - 1  # edges per tree
+    n = sizes.repeat_interleave(per)
+    start = (torch.cumsum(sizes * sizes, 0) - sizes * sizes).repeat_interleave(per)
+    lo = torch.minimum(edges[:, 0], edges[:, 1])
+    hi = torch.maximum(edges[:, 0], edges[:, 1])
+    flat = flat_view(prods)
+    c = (0.5 * (flat[start + lo * n + hi] + flat[start + hi * n + lo])).clamp(-1.0, 1.0)
+    # one stable sort by (tree, death): the death 1 - |c| in c's dtype (as _sort_by_abs rounds it)
+    # plus twice the tree's index, exact in float64, orders each tree as its own sort would
+    tree = torch.arange(len(prods)).repeat_interleave(per)
+    order = torch.sort((1.0 - c.abs()).double() + 2.0 * tree, stable=True).indices
+    c, pairs = c[order], torch.stack([lo, hi], dim=1)[order]
+    counts = per.tolist()  # the op's outputs may not alias each other: a (small) copy per tree
+    return [(ck.clone(), pk.clone()) for ck, pk in zip(c.split(counts), pairs.split(counts))]
+
+
 def _sort_by_abs(c, lo, hi):
     # deaths 1 - |c| ascending, stable: the order the gather of the deaths gave
     order = torch.sort(1.0 - c.abs(), stable=True).indices
@@ -185,7 +258,7 @@ def _pair_corr(zt: torch.Tensor, edges: torch.Tensor):
 
 def _forward(xs, layouts, edges, backend, block):
     """The op's body: see the module docstring."""
-    normed = [normalise(x, lay) for x, lay in zip(xs, layouts)]
+    normed = normalise_many(xs, layouts)
     device = xs[0].device
     find = [k for k, (zt, *_ ) in enumerate(normed) if zt.shape[0] > 1 and edges[k] is None]
     prods = gram_rows([normed[k][0] for k in find], block)
@@ -195,14 +268,14 @@ def _forward(xs, layouts, edges, backend, block):
         found = [mst_edges(prods[0], abs_corr=True, backend=backend)]
     else:
         found = mst_edges_many(prods, abs_corr=True, backend=backend)
-    trees = dict(zip(find, zip(prods, found)))
+    trees = dict(zip(find, _edge_corr_many(prods, found)))
     corrs, out_edges = [], []
     for k, (zt, inv, dead, finite) in enumerate(normed):
         n = zt.shape[0]
         if n <= 1:
             c, e = zt.new_zeros((0,)), torch.zeros((0, 2), dtype=torch.long, device=device)
         elif k in trees:
-            c, e = _edge_corr(*trees[k])
+            c, e = trees[k]
         else:
             c, e = _pair_corr(zt, edges[k].to(device))
         if device.type != "cpu":
@@ -260,21 +333,51 @@ def _backward(ctx, g_corrs, g_trees, g_zts, g_invs, g_deads):
     L = ctx.clouds
     saved = ctx.saved_tensors
     corrs, trees, zts, invs = (saved[k * L : (k + 1) * L] for k in range(4))
-    grads = []
+    grads: list = [None] * L
+    groups: dict = {}  # small clouds with one row count: one sparse product for all of them
     for k in range(L):
-        shape, dtype, layout = ctx.meta[k]
         gc, gz, gi = g_corrs[k], g_zts[k], g_invs[k]
         inv = _representable(invs[k])
+        n, R = zts[k].shape
         if torch.is_grad_enabled() or gz is not None or gi is not None:
             dxt = _vjp_general(corrs[k], trees[k], zts[k], inv, gc, gz, gi)
+        elif gc is not None and n > 1 and n * R <= GROUP_MAX:
+            groups.setdefault((R, zts[k].dtype, zts[k].device), []).append((k, inv))
+            continue
         else:
             dxt = _vjp_sparse(corrs[k], trees[k], zts[k], inv, gc)
-        if dxt is None:  # a cloud of one neuron, or no gradient reached it: zeros, as autograd would
-            grads.append(torch.zeros(shape, dtype=dtype, device=zts[k].device))
-        else:
-            grads.append(_to_layout(dxt, shape, layout).to(dtype))
+        grads[k] = _input_grad(dxt, ctx.meta[k], zts[k].device)
+    for members in groups.values():
+        ks = [k for k, _ in members]
+        if len(ks) == 1:
+            k, inv = members[0]
+            dxt = _vjp_sparse(corrs[k], trees[k], zts[k], inv, g_corrs[k])
+            grads[k] = _input_grad(dxt, ctx.meta[k], zts[k].device)
+            continue
+        sizes = [zts[k].shape[0] for k in ks]
+        starts = [0]
+        for n in sizes[:-1]:
+            starts.append(starts[-1] + n)
+        zt = torch.cat([zts[k] for k in ks])
+        dxt = tree_correlations_vjp(
+            torch.cat([corrs[k] for k in ks]),
+            torch.cat([trees[k] + a for k, a in zip(ks, starts)]),
+            zt,
+            torch.cat([inv for _, inv in members]),
+            torch.cat([g_corrs[k] for k in ks]).to(zt.dtype),
+        )
+        for k, a, n in zip(ks, starts, sizes):
+            grads[k] = _input_grad(dxt[a : a + n], ctx.meta[k], zt.device)
     # the inputs' structure: torch.library flattens a list input only when it holds tensors alone
     return grads, None, [None] * L if ctx.all_edges else None, None, None
+
+
+def _input_grad(dxt, meta, device) -> torch.Tensor:
+    """The gradient of one cloud's activations from its (n, R) gradient (None: zeros, as autograd gives)."""
+    shape, dtype, layout = meta
+    if dxt is None:  # a cloud of one neuron, or no gradient reached it
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return _to_layout(dxt, shape, layout).to(dtype)
 
 
 def _representable(inv: torch.Tensor) -> torch.Tensor:

@@ -272,7 +272,31 @@ def gram_rows(zts: list[torch.Tensor], block: int | None = None) -> list[torch.T
     with torch.no_grad(), torch.autocast(device_type=zts[0].device.type, enabled=False):
         if zts[0].device.type != "cpu" and block is None:
             return _bmm_rows(zts)
+        if block is None and len(zts) > 1 and len({zt.dtype for zt in zts}) == 1:
+            return _gram_back_to_back(zts)
         return [_gram_one(zt, block) for zt in zts]
+
+
+def _gram_back_to_back(zts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The CPU products of many clouds written back to back into one buffer (views of it returned):
+    the many-trees kernel then reads them in place instead of concatenating them (a copy of every
+    product, 1-2 ms for a ResNet's 17 clouds)."""
+    import numpy as np
+
+    sizes = [zt.shape[0] for zt in zts]
+    flat = torch.empty(sum(n * n for n in sizes), dtype=zts[0].dtype)
+    out, at = [], 0
+    for zt, n in zip(zts, sizes):
+        P = flat[at : at + n * n].view(n, n)
+        at += n * n
+        if n >= _SYRK_MIN_NEURONS and torch.get_num_threads() == 1 and _numpy_blas() is not None:
+            a = zt.contiguous().numpy()
+            with _numpy_blas_threads(1):  # syrk, as in _syrk_one_thread
+                np.matmul(a, a.T, out=P.numpy())
+        else:
+            torch.mm(zt, zt.T, out=P)
+        out.append(P)
+    return out
 
 
 def _bmm_rows(zts: list[torch.Tensor]) -> list[torch.Tensor]:

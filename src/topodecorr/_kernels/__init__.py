@@ -76,6 +76,25 @@ _parallel_lock = threading.Lock()
 PARALLEL_TREES = False
 
 
+def back_to_back(mats: list[torch.Tensor]) -> bool:
+    """Whether the contiguous CPU float matrices follow each other in one storage, with no gap."""
+    first = mats[0]
+    if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64):
+        return False
+    ptr, at = first.untyped_storage().data_ptr(), first.storage_offset()
+    for M in mats:
+        if (not M.is_contiguous() or M.dtype != first.dtype or M.untyped_storage().data_ptr() != ptr
+                or M.storage_offset() != at):
+            return False
+        at += M.numel()
+    return True
+
+
+def flat_view(mats: list[torch.Tensor]) -> torch.Tensor:
+    """The back-to-back matrices (:func:`back_to_back`) as one 1-d view, without a copy."""
+    return mats[0].as_strided((sum(M.numel() for M in mats),), (1,))
+
+
 def _run_numba_many(mats: list[torch.Tensor], abs_corr: bool) -> list[torch.Tensor]:
     import numba
 
@@ -89,8 +108,10 @@ def _run_numba_many(mats: list[torch.Tensor], abs_corr: bool) -> list[torch.Tens
     torch_threads = torch.get_num_threads()
     threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS)) if PARALLEL_TREES else 1
     if threads == 1:  # the serial kernel: numba's parallel API (and its thread pool) left untouched
+        # the fused op writes its products back to back: the kernel reads that buffer in place
+        flat = flat_view(mats).numpy() if len(groups) == 1 and back_to_back(mats) else None
         for idx in groups.values():
-            for l, e in zip(idx, numba_prim.prim_many([arrays[l] for l in idx], abs_corr, False)):
+            for l, e in zip(idx, numba_prim.prim_many([arrays[l] for l in idx], abs_corr, False, flat)):
                 out[l] = torch.from_numpy(e)
         return out
     with _parallel_lock:

@@ -211,7 +211,8 @@ _prim_many_parallel = njit(cache=True, nogil=True, parallel=True)(_prim_many_bod
 _prim_many_serial = njit(cache=True, nogil=True)(_prim_many_body)
 
 
-def prim_many(mats: list[np.ndarray], abs_corr: bool, parallel: bool = True) -> list[np.ndarray]:
+def prim_many(mats: list[np.ndarray], abs_corr: bool, parallel: bool = True,
+              flat: np.ndarray | None = None) -> list[np.ndarray]:
     """:func:`prim_abs_max` (``abs_corr``) or :func:`prim_min` of every matrix, in one parallel call.
 
     Parameters
@@ -221,6 +222,8 @@ def prim_many(mats: list[np.ndarray], abs_corr: bool, parallel: bool = True) -> 
     abs_corr : bool
     parallel : bool
         Spread the trees over numba's threads (``prange``); else one thread.
+    flat : ndarray, optional
+        The matrices already back to back in one 1-d array (no copy is made).
 
     Returns
     -------
@@ -240,7 +243,8 @@ def prim_many(mats: list[np.ndarray], abs_corr: bool, parallel: bool = True) -> 
     np.cumsum(sizes * sizes, out=offsets[1:])
     eoff = np.zeros(len(mats) + 1, dtype=np.int64)
     np.cumsum(np.maximum(sizes - 1, 0), out=eoff[1:])
-    flat = np.concatenate([A.reshape(-1) for A in mats])
+    if flat is None:
+        flat = np.concatenate([A.reshape(-1) for A in mats])
     if flat.dtype == np.float32:
         bits, consts = flat.view(np.int32), _C32
     elif flat.dtype == np.float64:
