@@ -43,6 +43,7 @@ host: the correlations come out NaN, so the penalty is NaN (which
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Optional
 
@@ -177,7 +178,39 @@ def _normalise_shifted(zt: torch.Tensor, x0: torch.Tensor):
     if cpu and zt.dtype != torch.float64 and (done is None or norm_in_float32_range(a, dead)):
         a, b = a.to(zt.dtype), b.to(zt.dtype)  # float32 arithmetic: the factors fit (checked above)
     torch.addcmul(b, zt, a, out=zt)  # (x - x0 - mean) / norm in one pass
-    return zt, inv.reshape(-1).to(zt.dtype), dead.reshape(-1), finite
+    return zt, _representable(inv.reshape(-1).to(zt.dtype), cpu, done is not None), dead.reshape(-1), finite
+
+
+def _representable(inv: torch.Tensor, cpu: bool, rescued: bool) -> torch.Tensor:
+    """``1 / norm`` with the entries that overflow the dtype set to 0 (warned on the CPU).
+
+    A neuron whose activations all lie at a subnormal scale (a column of 1e-40 in
+    float32) is normalised as it would be at scale 1, so its correlations are exact,
+    but the gradient with respect to its activations is 1 / scale times that at
+    scale 1 and overflows: inf, then NaN, in the network's gradient. Such a neuron
+    gets no gradient instead (the backward scales by ``inv``); every other neuron's
+    gradient is unchanged. On the CPU only rescued rows (norms outside
+    ``_SAFE_NORM``) can overflow, so the common step reads nothing back;
+    accelerators mask without a host read.
+    """
+    if not cpu:
+        return inv.masked_fill(torch.isinf(inv), 0.0)
+    if not rescued:
+        return inv
+    over = torch.isinf(inv)
+    count = int(over.sum())
+    if count == 0:
+        return inv
+    warnings.warn(
+        f"{count} neuron(s) have activations at a scale below the normal range of {inv.dtype} "
+        "(e.g. every value near 1e-40 in float32): their correlations are computed as at scale 1, "
+        "but their gradient (1 / scale times larger) is not representable, so they get none; the "
+        "other neurons' gradients are exact. A layer whose outputs collapse towards zero usually "
+        "means a too-high learning rate or weight decay, or a bad initialisation",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return inv.masked_fill(over, 0.0)
 
 
 def _served(norm, s1, ss, centred):
@@ -337,33 +370,29 @@ def _backward(ctx, g_corrs, g_trees, g_zts, g_invs, g_deads):
     groups: dict = {}  # small clouds with one row count: one sparse product for all of them
     for k in range(L):
         gc, gz, gi = g_corrs[k], g_zts[k], g_invs[k]
-        inv = _representable(invs[k])
         n, R = zts[k].shape
         if torch.is_grad_enabled() or gz is not None or gi is not None:
-            dxt = _vjp_general(corrs[k], trees[k], zts[k], inv, gc, gz, gi)
+            dxt = _vjp_general(corrs[k], trees[k], zts[k], invs[k], gc, gz, gi)
         elif gc is not None and n > 1 and n * R <= GROUP_MAX:
-            groups.setdefault((R, zts[k].dtype, zts[k].device), []).append((k, inv))
+            groups.setdefault((R, zts[k].dtype, zts[k].device), []).append(k)
             continue
         else:
-            dxt = _vjp_sparse(corrs[k], trees[k], zts[k], inv, gc)
+            dxt = _vjp_sparse(corrs[k], trees[k], zts[k], invs[k], gc)
         grads[k] = _input_grad(dxt, ctx.meta[k], zts[k].device)
-    for members in groups.values():
-        ks = [k for k, _ in members]
+    for ks in groups.values():
         if len(ks) == 1:
-            k, inv = members[0]
-            dxt = _vjp_sparse(corrs[k], trees[k], zts[k], inv, g_corrs[k])
+            k = ks[0]
+            dxt = _vjp_sparse(corrs[k], trees[k], zts[k], invs[k], g_corrs[k])
             grads[k] = _input_grad(dxt, ctx.meta[k], zts[k].device)
             continue
         sizes = [zts[k].shape[0] for k in ks]
-        starts = [0]
-        for n in sizes[:-1]:
-            starts.append(starts[-1] + n)
+        starts = [0, *itertools.accumulate(sizes[:-1])]
         zt = torch.cat([zts[k] for k in ks])
         dxt = tree_correlations_vjp(
             torch.cat([corrs[k] for k in ks]),
             torch.cat([trees[k] + a for k, a in zip(ks, starts)]),
             zt,
-            torch.cat([inv for _, inv in members]),
+            torch.cat([invs[k] for k in ks]),
             torch.cat([g_corrs[k] for k in ks]).to(zt.dtype),
         )
         for k, a, n in zip(ks, starts, sizes):
@@ -378,39 +407,6 @@ def _input_grad(dxt, meta, device) -> torch.Tensor:
     if dxt is None:  # a cloud of one neuron, or no gradient reached it
         return torch.zeros(shape, dtype=dtype, device=device)
     return _to_layout(dxt, shape, layout).to(dtype)
-
-
-def _representable(inv: torch.Tensor) -> torch.Tensor:
-    """``1 / norm`` with the entries that overflowed the dtype set to 0 (warned on the CPU).
-
-    A neuron whose activations all lie at a subnormal scale (a column of 1e-40 in
-    float32) is normalised as it would be at scale 1, so its correlations are exact,
-    but the gradient with respect to its activations is 1 / scale times that at
-    scale 1 and overflows: inf, then NaN, in the network's gradient. Those neurons
-    get no gradient instead; every other neuron's gradient is unchanged.
-    """
-    over = torch.isinf(inv)
-    if inv.device.type == "cpu" and not _tracing(inv):  # accelerators, traces: the same masking, no sync
-        count = int(over.sum())
-        if count == 0:
-            return inv
-        warnings.warn(
-            f"{count} neuron(s) have activations at a scale below the normal range of {inv.dtype} "
-            "(e.g. every value near 1e-40 in float32): their correlations are computed as at scale 1, "
-            "but their gradient (1 / scale times larger) is not representable, so they get none; the "
-            "other neurons' gradients are exact. A layer whose outputs collapse towards zero usually "
-            "means a too-high learning rate or weight decay, or a bad initialisation",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return inv.masked_fill(over, 0.0)
-
-
-def _tracing(t: torch.Tensor) -> bool:
-    """Whether ``t`` has no data to read (torch.compile, fake or meta tensors)."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return torch.compiler.is_compiling() or is_fake(t) or t.is_meta
 
 
 def _vjp_sparse(c, edges, zt, inv, gc):
