@@ -381,7 +381,7 @@ def test_cpu_product_is_syrk_on_one_thread_and_torch_mm_on_more(monkeypatch):
 
     calls = []
     real = corr_mod._syrk_one_thread
-    monkeypatch.setattr(corr_mod, "_syrk_one_thread", lambda zt: calls.append(zt.shape) or real(zt))
+    monkeypatch.setattr(corr_mod, "_syrk_one_thread", lambda zt, out=None: calls.append(zt.shape) or real(zt, out))
     acts = torch.from_numpy(S.make_activations("lowrank", 64, 600, seed=3)).float()
     threads = torch.get_num_threads()
     try:

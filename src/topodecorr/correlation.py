@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 
+import numpy as np
 import torch
 
 __all__ = ["NonFiniteActivationsError", "normalize_activations", "correlation", "dissimilarity", "DISSIMILARITIES"]
@@ -281,18 +282,14 @@ def _gram_back_to_back(zts: list[torch.Tensor]) -> list[torch.Tensor]:
     """The CPU products of many clouds written back to back into one buffer (views of it returned):
     the many-trees kernel then reads them in place instead of concatenating them (a copy of every
     product, 1-2 ms for a ResNet's 17 clouds)."""
-    import numpy as np
-
     sizes = [zt.shape[0] for zt in zts]
     flat = torch.empty(sum(n * n for n in sizes), dtype=zts[0].dtype)
     out, at = [], 0
     for zt, n in zip(zts, sizes):
         P = flat[at : at + n * n].view(n, n)
         at += n * n
-        if n >= _SYRK_MIN_NEURONS and torch.get_num_threads() == 1 and _numpy_blas() is not None:
-            a = zt.contiguous().numpy()
-            with _numpy_blas_threads(1):  # syrk, as in _syrk_one_thread
-                np.matmul(a, a.T, out=P.numpy())
+        if _syrk_pays(zt):
+            _syrk_one_thread(zt, out=P)
         else:
             torch.mm(zt, zt.T, out=P)
         out.append(P)
@@ -322,20 +319,25 @@ def _gram_one(zt: torch.Tensor, block: int | None) -> torch.Tensor:
         if block < 1:
             raise ValueError(f"block must be a positive width, got {block}")
         return zt @ zt.T if block >= n else _upper_gram(zt.T, block)
-    if (zt.device.type == "cpu" and n >= _SYRK_MIN_NEURONS and torch.get_num_threads() == 1
-            and _numpy_blas() is not None):
+    if _syrk_pays(zt):
         return _syrk_one_thread(zt)
     return torch.mm(zt, zt.T)  # on torch's own threads: from 2 of them as fast as syrk on one
 
 
-def _syrk_one_thread(zt: torch.Tensor) -> torch.Tensor:
-    """``Zt Zt^T`` by NumPy's syrk on one BLAS thread, in the calling thread."""
+def _syrk_pays(zt: torch.Tensor) -> bool:
+    """Whether NumPy's syrk on one BLAS thread is the faster CPU product (measured: one torch thread, n >= 512)."""
+    return (zt.device.type == "cpu" and zt.shape[0] >= _SYRK_MIN_NEURONS and torch.get_num_threads() == 1
+            and _numpy_blas() is not None)
+
+
+def _syrk_one_thread(zt: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``Zt Zt^T`` by NumPy's syrk on one BLAS thread, in the calling thread (into ``out`` if given)."""
+    a = zt.contiguous().numpy()
     with _numpy_blas_threads(1):  # no second pool
-        if zt.is_contiguous():
-            a = zt.numpy()
+        if out is None:
             return torch.from_numpy(a @ a.T)
-        b = zt.T.contiguous().numpy()
-        return torch.from_numpy(b.T @ b)
+        np.matmul(a, a.T, out=out.numpy())
+        return out
 
 
 def _upper_gram(z: torch.Tensor, block: int) -> torch.Tensor:
